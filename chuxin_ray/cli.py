@@ -1,0 +1,81 @@
+"""`chuxin-ray <stage> CONFIG [key=value ...]`: load a config, call a stage's main. No logic here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from chuxin_ray import __version__, stages
+from chuxin_ray.config import STAGES, ConfigError, describe_sections, load_config
+from chuxin_ray.storage import OutputConflict, StorageError
+
+EPILOG = """stages (in pipeline order):
+{stages}
+
+config sections and their keys:
+{sections}
+
+examples:
+  chuxin-ray pipeline jobs/tiny.yaml
+  chuxin-ray ingest jobs/tiny.yaml ingest.rules.min_chars=20 run.output=s3://bucket/runs/x
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    stage_lines = "\n".join(
+        f"  {s:<11} {stages.SUMMARY[s]}{'' if s in stages.BUILT else '  (not built yet)'}" for s in STAGES
+    )
+    parser = argparse.ArgumentParser(
+        prog="chuxin-ray",
+        description="The Chuxin-Embedding training recipe as a Ray application.",
+        epilog=EPILOG.format(stages=stage_lines, sections=describe_sections()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"chuxin-ray {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in (*STAGES, "pipeline"):
+        help_ = stages.SUMMARY.get(name, "run every configured stage in order, skipping complete ones")
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("config", metavar="CONFIG", help="YAML config file")
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help="dotted overrides, e.g. ingest.rules.min_chars=10",
+        )
+        p.add_argument("--force", action="store_true", help="redo even if the output is complete")
+        if name == "pipeline":
+            p.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage")
+            p.add_argument("--only", metavar="STAGE", help="run only this stage")
+    demo = sub.add_parser(
+        "demo-data", help="write the tiny demo corpus and tokenizer that jobs/tiny.yaml reads"
+    )
+    demo.add_argument("out", nargs="?", default="demo", help="folder (default: demo)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "demo-data":
+        from chuxin_ray import demo
+
+        demo.prepare(args.out)
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "pipeline":
+            from chuxin_ray.pipeline import run_pipeline
+
+            run_pipeline(cfg, start=args.start, only=args.only, force=args.force)
+        else:
+            stages.load(args.command).main(cfg, force=args.force)
+    except (ConfigError, StorageError, OutputConflict, stages.StageNotBuilt) as e:
+        print(f"chuxin-ray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

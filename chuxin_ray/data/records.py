@@ -1,0 +1,231 @@
+"""Read raw corpus files into normalised records, one row per source record, bad ones included.
+
+Every source record becomes exactly one row of RECORD_SCHEMA: `outcome` is "kept" for a good record
+(id, text, source filled) and "quarantined" for a bad one (`reason` says why, `raw` holds the
+original bytes). Nothing is dropped here, so the ingest stage can prove rows read = rows accounted.
+
+Formats: jsonl (plain, .gz, .zst) read as a byte stream line by line, and parquet read row group by
+row group; neither is ever held whole in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+# One row per source record; outcome in {kept, quarantined, dropped, duplicate}.
+RECORD_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.string()),
+        ("source", pa.string()),
+        ("path", pa.string()),  # URI of the source file
+        ("row", pa.int64()),  # 1-based line (jsonl) or 0-based row (parquet)
+        ("order", pa.int64()),  # file_index * 2**32 + row: a global, deterministic record order
+        ("outcome", pa.string()),
+        ("reason", pa.string()),
+        ("raw", pa.binary()),  # the original record, for quarantined rows only
+    ]
+)
+
+# Why a record is quarantined (bad input) rather than kept.
+INVALID_UTF8 = "invalid_utf8"
+INVALID_JSON = "invalid_json"
+NOT_AN_OBJECT = "not_an_object"
+MISSING_FIELD = "missing_field"
+WRONG_TYPE = "wrong_type"
+EMPTY_TEXT = "empty_text"
+UNREADABLE_FILE = "unreadable_file"
+
+COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file and how to read it; picklable, so it travels to Ray Data tasks."""
+
+    fs: pafs.FileSystem
+    path: str  # filesystem path
+    uri: str  # printable URI
+    format: str  # "jsonl" | "parquet"
+    source: str
+    text_field: str
+    id_field: str | None
+    index: int  # position in the sorted list of all input files
+    size: int
+
+
+def detect_format(path: str) -> str | None:
+    name = path.lower()
+    for suffix in COMPRESSION:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return None
+
+
+def source_name(uri: str) -> str:
+    """`s3://b/corpora/news.jsonl.gz` -> `news`; a prefix `s3://b/corpora/news/` -> `news`."""
+    base = posixpath.basename(uri.rstrip("/"))
+    for suffix in (*COMPRESSION, *JSONL_SUFFIXES, *PARQUET_SUFFIXES):
+        if base.lower().endswith(suffix):
+            base = base[: -len(suffix)]
+    return base or "corpus"
+
+
+def record_id(source: str, text: str) -> str:
+    """A stable id from the content: the same text in the same source always gets the same id."""
+    return f"{source}-{hashlib.blake2b(text.encode('utf-8'), digest_size=8).hexdigest()}"
+
+
+class RecordBuilder:
+    """Collects rows of RECORD_SCHEMA column by column and hands them out as tables."""
+
+    def __init__(self, file: SourceFile):
+        self.file = file
+        self.cols: dict[str, list[Any]] = {name: [] for name in RECORD_SCHEMA.names}
+
+    def __len__(self) -> int:
+        return len(self.cols["row"])
+
+    def kept(self, row: int, id_: str, text: str) -> None:
+        self._add(row, id_, text, "kept", "", None)
+
+    def quarantined(self, row: int, reason: str, raw: bytes) -> None:
+        self._add(row, None, None, "quarantined", reason, raw)
+
+    def _add(self, row: int, id_, text, outcome: str, reason: str, raw) -> None:
+        c = self.cols
+        c["id"].append(id_)
+        c["text"].append(text)
+        c["source"].append(self.file.source)
+        c["path"].append(self.file.uri)
+        c["row"].append(row)
+        c["order"].append((self.file.index << 32) + row)
+        c["outcome"].append(outcome)
+        c["reason"].append(reason)
+        c["raw"].append(raw)
+
+    def flush(self) -> pa.Table:
+        table = pa.table(self.cols, schema=RECORD_SCHEMA)
+        self.cols = {name: [] for name in RECORD_SCHEMA.names}
+        return table
+
+
+def read_records(file: SourceFile, batch_rows: int = 8192) -> Iterator[pa.Table]:
+    """Stream one file as tables of RECORD_SCHEMA. Never raises for bad content: a file that
+    cannot be read (corrupt compression, not parquet) ends with one `unreadable_file` row."""
+    reader = _read_jsonl if file.format == "jsonl" else _read_parquet
+    builder = RecordBuilder(file)
+    last_row = 0
+    try:
+        for row in reader(file, builder):
+            last_row = row
+            if len(builder) >= batch_rows:
+                yield builder.flush()
+    except (OSError, pa.ArrowException, EOFError, ValueError) as e:
+        detail = f"{type(e).__name__}: {e}"[:500]
+        builder.quarantined(last_row + 1, UNREADABLE_FILE, detail.encode("utf-8"))
+    if len(builder):
+        yield builder.flush()
+
+
+# --------------------------------------------------------------------------------------------------
+# jsonl
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(file: SourceFile, out: RecordBuilder) -> Iterator[int]:
+    compression = COMPRESSION.get(posixpath.splitext(file.path)[1].lower())
+    with file.fs.open_input_stream(file.path, compression=compression) as stream:
+        for lineno, line in _iter_lines(stream):
+            if line.strip():  # blank lines separate nothing and are not records
+                parse_jsonl_line(line, lineno, file, out)
+                yield lineno
+
+
+def _iter_lines(stream, chunk_bytes: int = 1 << 22) -> Iterator[tuple[int, bytes]]:
+    lineno = 0
+    pending = b""
+    while chunk := stream.read(chunk_bytes):
+        lines = (pending + chunk).split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            lineno += 1
+            yield lineno, line.rstrip(b"\r")
+    if pending:
+        yield lineno + 1, pending.rstrip(b"\r")
+
+
+def parse_jsonl_line(line: bytes, lineno: int, file: SourceFile, out: RecordBuilder) -> None:
+    try:
+        decoded = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return out.quarantined(lineno, INVALID_UTF8, line)
+    try:
+        obj = json.loads(decoded)
+    except ValueError:
+        return out.quarantined(lineno, INVALID_JSON, line)
+    if not isinstance(obj, dict):
+        return out.quarantined(lineno, NOT_AN_OBJECT, line)
+    outcome = check_fields(obj.get(file.text_field), obj.get(file.id_field) if file.id_field else None, file)
+    if isinstance(outcome, str):
+        return out.quarantined(lineno, outcome, line)
+    out.kept(lineno, *outcome)
+
+
+def check_fields(text: Any, id_: Any, file: SourceFile) -> str | tuple[str, str]:
+    """(id, text) for a usable record, else the quarantine reason."""
+    if text is None or (file.id_field and id_ is None):
+        return MISSING_FIELD
+    if not isinstance(text, str) or (
+        file.id_field and (isinstance(id_, bool) or not isinstance(id_, str | int))
+    ):
+        return WRONG_TYPE
+    if not text.strip():
+        return EMPTY_TEXT
+    try:
+        text.encode("utf-8")  # JSON "\ud800" escapes decode to lone surrogates, which UTF-8 cannot hold
+    except UnicodeEncodeError:
+        return INVALID_UTF8
+    return (str(id_) if file.id_field else record_id(file.source, text)), text
+
+
+# --------------------------------------------------------------------------------------------------
+# parquet
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_parquet(file: SourceFile, out: RecordBuilder) -> Iterator[int]:
+    with file.fs.open_input_file(file.path) as handle:
+        pf = pq.ParquetFile(handle)
+        wanted = [c for c in (file.text_field, file.id_field) if c]
+        present = [c for c in wanted if c in pf.schema_arrow.names]
+        row = -1
+        for batch in pf.iter_batches(batch_size=8192, columns=present or None):
+            columns = {c: batch.column(c).to_pylist() for c in present}
+            for i in range(batch.num_rows):
+                row += 1
+                values = {c: columns[c][i] for c in present}
+                outcome = check_fields(
+                    values.get(file.text_field), values.get(file.id_field) if file.id_field else None, file
+                )
+                if isinstance(outcome, str):
+                    raw = json.dumps(values, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass")
+                    out.quarantined(row, outcome, raw)
+                else:
+                    out.kept(row, *outcome)
+                yield row

@@ -1,0 +1,30 @@
+"""Parquet shards: the unit every stage writes and the next stage reads."""
+
+from __future__ import annotations
+
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from chuxin_ray.storage import Location, write_bytes
+
+
+def write_shard(out: Location, folder: str, table: pa.Table) -> str:
+    """Write `table` as one new Parquet file in `out/folder/`, atomically; returns its path relative
+    to `out` (what manifests list). Names are random, so concurrent writers and retried tasks never
+    overwrite each other; the stage's manifest decides which files count."""
+    rel = f"{folder}/part-{uuid.uuid4().hex[:16]}.parquet"
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes(out.child(rel), sink.getvalue())
+    return rel
+
+
+def read_table(out: Location, rel_paths: list[str]) -> pa.Table:
+    """Read listed shards of a stage output into one table: for small outputs and tests."""
+    tables = []
+    for rel in rel_paths:
+        with out.fs.open_input_file(out.child(rel).path) as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables)
