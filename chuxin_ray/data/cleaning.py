@@ -6,6 +6,7 @@ passes); the rules run cheapest first. Lengths are in characters (code points), 
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
@@ -39,13 +40,9 @@ def repeated_char_ratio(text: str, run: int) -> float:
     return sum(m.end() - m.start() for m in pattern.finditer(text)) / len(text) if text else 0.0
 
 
-_RUN_PATTERNS: dict[int, re.Pattern] = {}
-
-
+@functools.cache
 def _run_pattern(run: int) -> re.Pattern:
-    if run not in _RUN_PATTERNS:
-        _RUN_PATTERNS[run] = re.compile(r"(.)\1{%d,}" % (run - 1), re.DOTALL)
-    return _RUN_PATTERNS[run]
+    return re.compile(rf"(.)\1{{{run - 1},}}", re.DOTALL)
 
 
 def repeated_line_ratio(text: str) -> float:

@@ -55,8 +55,9 @@ def setup(cfg: Config, force: bool = False) -> TokenizePlan:
     src = storage.resolve(section.input or cfg.stage_output("ingest"), cfg.storage)
     if manifest:
         return TokenizePlan(section, src, [], out, config_hash, manifest)
+    inputs = input_shards(src)
     tokenizer_json = load_tokenizer(section.tokenizer).backend_tokenizer.to_str()
-    return TokenizePlan(section, src, input_shards(src), out, config_hash, None, tokenizer_json)
+    return TokenizePlan(section, src, inputs, out, config_hash, None, tokenizer_json)
 
 
 def input_shards(src: storage.Location) -> list[str]:
@@ -103,7 +104,7 @@ def run(plan: TokenizePlan, cfg: Config) -> dict:
     started = time.time()
     connect(cfg.ray)
     section = plan.cfg
-    ds = ray.data.read_parquet(plan.inputs, filesystem=plan.src.fs, columns=["id", "text"])
+    ds = ray.data.read_parquet(plan.inputs, filesystem=plan.src.fs).select_columns(["id", "text"])
     ds = ds.map_batches(
         Tokenize,
         batch_size=section.batch_size,

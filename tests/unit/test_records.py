@@ -1,0 +1,124 @@
+"""Reading jsonl and parquet into records: every source record becomes exactly one row."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from chuxin_ray.data import records
+from chuxin_ray.data.records import SourceFile, detect_format, read_records, source_name
+
+
+def source(path, fmt="jsonl", text="text", id_field=None, index=0):
+    return SourceFile(pafs.LocalFileSystem(), str(path), str(path), fmt, "src", text, id_field, index, 0)
+
+
+def rows(file, batch_rows=3):
+    tables = list(read_records(file, batch_rows))
+    assert all(t.schema == records.RECORD_SCHEMA for t in tables)
+    return pa.concat_tables(tables).to_pylist() if tables else []
+
+
+LINES = [
+    b'{"id": 1, "text": "\xe4\xbd\xa0\xe5\xa5\xbd"}',  # good, int id
+    b'{"id": "a", "text": "ok"}',
+    b"{broken json",
+    b'{"id": "b", "text": "bad \xff byte"}',
+    b'{"id": "c"}',
+    b'{"id": "d", "text": 123}',
+    b'{"id": "e", "text": "   "}',
+    b"[1, 2]",
+    b'{"id": "f", "text": "lone \\ud800 surrogate"}',
+    b'{"id": true, "text": "bool id"}',
+    b"",  # blank lines are not records
+    b'{"text": "no id"}',
+]
+REASONS = [
+    "",
+    "",
+    "invalid_json",
+    "invalid_utf8",
+    "missing_field",
+    "wrong_type",
+    "empty_text",
+    "not_an_object",
+    "invalid_utf8",
+    "wrong_type",
+    "missing_field",
+]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
+def test_jsonl_every_line_accounted(tmp_path, suffix):
+    data = b"\r\n".join(LINES)  # CRLF too
+    path = tmp_path / f"f{suffix}"
+    if suffix.endswith(".gz"):
+        data = gzip.compress(data)
+    elif suffix.endswith(".zst"):
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    out = rows(source(path, id_field="id"))
+    assert [r["reason"] for r in out] == REASONS
+    assert [r["row"] for r in out] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12]
+    assert out[0]["id"] == "1" and out[0]["text"] == "你好" and out[0]["outcome"] == "kept"
+    bad = out[3]
+    assert bad["outcome"] == "quarantined" and bad["raw"] == LINES[3] and bad["text"] is None
+    assert all(r["path"] == str(path) and r["source"] == "src" for r in out)
+
+
+def test_derived_ids_are_stable_and_content_based(tmp_path):
+    path = tmp_path / "f.jsonl"
+    path.write_text('{"t": "同一段文字"}\n{"t": "另一段"}\n{"t": "同一段文字"}\n')
+    out = rows(source(path, text="t"))
+    assert out[0]["id"] == out[2]["id"] == records.record_id("src", "同一段文字") != out[1]["id"]
+
+
+def test_order_is_global(tmp_path):
+    path = tmp_path / "f.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n')
+    out = rows(source(path, index=3))
+    assert [r["order"] for r in out] == [(3 << 32) + 1, (3 << 32) + 2]
+
+
+def test_parquet_types_and_nulls(tmp_path):
+    path = tmp_path / "f.parquet"
+    pq.write_table(
+        pa.table({"content": ["好的", None, "  ", "行"], "other": [1, 2, 3, 4]}), path, row_group_size=2
+    )
+    out = rows(source(path, "parquet", text="content"))
+    assert [r["reason"] for r in out] == ["", "missing_field", "empty_text", ""]
+    assert [r["row"] for r in out] == [0, 1, 2, 3]
+    assert json.loads(out[1]["raw"]) == {"content": None}
+
+
+def test_parquet_wrong_column_type_and_missing_column(tmp_path):
+    path = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"text": [1, 2]}), path)
+    assert [r["reason"] for r in rows(source(path, "parquet"))] == ["wrong_type", "wrong_type"]
+    assert [r["reason"] for r in rows(source(path, "parquet", text="body"))] == ["missing_field"] * 2
+
+
+def test_unreadable_file_is_one_quarantined_row(tmp_path):
+    path = tmp_path / "f.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"text": "\xe5\xa5\xbd\xe7\x9a\x84"}\n' * 3)[:-12] + b"garbage!")
+    out = rows(source(path))
+    assert out[-1]["reason"] == "unreadable_file" and out[-1]["outcome"] == "quarantined"
+    assert out[-1]["raw"].startswith(b"OSError")  # the reader's error, for whoever repairs the file
+    not_parquet = tmp_path / "g.parquet"
+    not_parquet.write_bytes(b"not a parquet file at all")
+    assert [r["reason"] for r in rows(source(not_parquet, "parquet"))] == ["unreadable_file"]
+
+
+def test_format_and_source_names():
+    assert detect_format("a/b.jsonl.gz") == "jsonl"
+    assert detect_format("a/b.JSONL.ZST") == "jsonl"
+    assert detect_format("a/b.parquet") == "parquet"
+    assert detect_format("a/b.csv") is None
+    assert source_name("s3://b/corpora/news.jsonl.gz") == "news"
+    assert source_name("s3://b/corpora/reviews/") == "reviews"
