@@ -6,6 +6,7 @@ Ray cluster for every test that asks for them.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 
@@ -54,6 +55,7 @@ def s3_server():
     """moto's S3 server on a free port of 127.0.0.1; credentials through the standard AWS env."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per S3 request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -1,23 +1,35 @@
-"""Rule-based cleaning of Chinese text: each rule is a pure function of the text.
+"""Rule-based cleaning of Chinese text.
 
-`first_failing_rule(text, rules)` returns the name of the first rule a text fails ("" when it
-passes); the rules run cheapest first. Lengths are in characters (code points), not bytes.
+Two implementations of the same rules: `RuleSet.first_failing_rule(text)`, a plain per-text
+function (the reference), and `RuleSet.failing_rules(texts)`, which runs the same rules over a
+whole Arrow column with pyarrow's vectorised kernels (RE2) and keeps Python only for the two rules
+RE2 cannot express (back-references, line sets). Tests hold the two equal. A text fails with the
+first rule it breaks, in the order of RULES; lengths are in characters (code points), not bytes.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-import unicodedata
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from chuxin_ray.config import CleaningRules
 
 # CJK Unified Ideographs (+ Extension A, compatibility ideographs, Extensions B-F in plane 2).
-CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
-# An HTML/XML tag or a character entity: what scraped pages leave behind.
-MARKUP = re.compile(r"</?[a-zA-Z][^<>\n]{0,200}>|<!--.*?-->|&(?:[a-zA-Z]{2,8}|#\d{1,7}|#x[0-9a-fA-F]{1,6});")
+CJK_CLASS = r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]"
+CJK_CLASS_RE2 = r"[\x{3400}-\x{4dbf}\x{4e00}-\x{9fff}\x{f900}-\x{faff}\x{20000}-\x{2ffff}]"
+CJK = re.compile(CJK_CLASS)
+# What Python's str.isspace() accepts, in RE2 syntax (RE2's own \s is ASCII-only).
+SPACE_RE2 = r"[\t-\r\x{1c}-\x{1f} \x{85}\p{Z}]"
+# An HTML/XML tag, comment or character entity: what scraped pages leave behind. Valid in both
+# Python re and RE2, with the same leftmost-first matching.
+MARKUP_PATTERN = r"</?[a-zA-Z][^<>\n]{0,200}>|<!--.*?-->|&(?:[a-zA-Z]{2,8}|#\d{1,7}|#x[0-9a-fA-F]{1,6});"
+MARKUP = re.compile(MARKUP_PATTERN)
+# Where str.splitlines() breaks a line.
+LINE_BREAK_RE2 = r"[\n\r\x{0b}\x{0c}\x{1c}-\x{1e}\x{85}\x{2028}\x{2029}]"
 
 TOO_SHORT = "too_short"
 TOO_LONG = "too_long"
@@ -26,6 +38,7 @@ REPEATED_CHARS = "repeated_chars"
 REPEATED_LINES = "repeated_lines"
 MARKUP_RESIDUE = "markup_residue"
 BLOCKLISTED = "blocklisted"
+RULES = (TOO_SHORT, TOO_LONG, LOW_CJK_RATIO, REPEATED_CHARS, REPEATED_LINES, MARKUP_RESIDUE, BLOCKLISTED)
 
 
 def cjk_ratio(text: str) -> float:
@@ -36,8 +49,7 @@ def cjk_ratio(text: str) -> float:
 
 def repeated_char_ratio(text: str, run: int) -> float:
     """Share of characters inside runs of one character repeated at least `run` times."""
-    pattern = _run_pattern(run)
-    return sum(m.end() - m.start() for m in pattern.finditer(text)) / len(text) if text else 0.0
+    return sum(m.end() - m.start() for m in _run_pattern(run).finditer(text)) / len(text) if text else 0.0
 
 
 @functools.cache
@@ -62,14 +74,15 @@ class RuleSet:
     def __init__(self, rules: CleaningRules):
         self.rules = rules
         words = [w for w in rules.blocklist if w]
-        self.blocklist = re.compile("|".join(map(re.escape, words))) if words else None
+        self.blocklist_pattern = "|".join(map(re.escape, words)) if words else None
+        self.blocklist = re.compile(self.blocklist_pattern) if words else None
 
     def first_failing_rule(self, text: str) -> str:
+        """The plain path: one text, the rules in order."""
         r = self.rules
-        n = len(text.strip())
-        if n < r.min_chars:
+        if len(text) < r.min_chars:
             return TOO_SHORT
-        if n > r.max_chars:
+        if len(text) > r.max_chars:
             return TOO_LONG
         if cjk_ratio(text) < r.min_cjk_ratio:
             return LOW_CJK_RATIO
@@ -83,22 +96,88 @@ class RuleSet:
             return BLOCKLISTED
         return ""
 
+    def failing_rules(self, texts: pa.Array) -> list[str]:
+        """The fast path: the first failing rule of every text of a (non-null) string column."""
+        r = self.rules
+        n = len(texts)
+        length = _ints(pc.utf8_length(texts))  # (n,) code points
+        visible = length - _ints(pc.count_substring_regex(texts, SPACE_RE2))  # (n,)
+        cjk = _ints(pc.count_substring_regex(texts, CJK_CLASS_RE2)) / np.maximum(visible, 1)  # (n,)
+        markup_chars = length - _ints(pc.utf8_length(pc.replace_substring_regex(texts, MARKUP_PATTERN, "")))
+        fails = {
+            TOO_SHORT: length < r.min_chars,
+            TOO_LONG: length > r.max_chars,
+            LOW_CJK_RATIO: np.where(visible > 0, cjk, 0.0) < r.min_cjk_ratio,
+            MARKUP_RESIDUE: markup_chars / np.maximum(length, 1) > r.max_markup_ratio,
+            BLOCKLISTED: (
+                pc.match_substring_regex(texts, self.blocklist_pattern).to_numpy(zero_copy_only=False)
+                if self.blocklist_pattern
+                else np.zeros(n, dtype=bool)
+            ),
+        }
+        fails[REPEATED_CHARS] = repeated_char_ratios(texts, length, r.repeat_run) > r.max_repeated_char_ratio
+        # Repeated lines need a set per text: Python, only where no earlier rule has failed.
+        fails[REPEATED_LINES] = np.zeros(n, dtype=bool)
+        earlier = fails[TOO_SHORT] | fails[TOO_LONG] | fails[LOW_CJK_RATIO] | fails[REPEATED_CHARS]
+        several_lines = pc.match_substring_regex(texts, LINE_BREAK_RE2).to_numpy(zero_copy_only=False)
+        candidates = np.flatnonzero(~earlier & several_lines)
+        if len(candidates):
+            for i, text in zip(candidates, texts.take(pa.array(candidates)).to_pylist(), strict=True):
+                fails[REPEATED_LINES][i] = repeated_line_ratio(text) > r.max_repeated_line_ratio
+        reasons = np.full(n, "", dtype=object)
+        for rule in reversed(RULES):  # earlier rules overwrite later ones: the first failure wins
+            reasons[fails[rule]] = rule
+        return reasons.tolist()
+
+
+def repeated_char_ratios(texts: pa.Array, length: np.ndarray, run: int) -> np.ndarray:
+    """Vectorised `repeated_char_ratio` over a column: maximal runs of one code point, as the
+    greedy regex finds them, counted per text from the concatenated UTF-32 code points."""
+    if not length.sum():
+        return np.zeros(len(length))
+    cps = np.frombuffer("".join(texts.to_pylist()).encode("utf-32-le"), dtype="<u4")  # (C,) all texts
+    text_start = np.zeros(len(cps), dtype=bool)  # (C,)
+    starts = np.concatenate([[0], np.cumsum(length)[:-1]])  # (n,) first code point of each text
+    text_start[starts[length > 0]] = True
+    new_run = text_start.copy()
+    new_run[1:] |= cps[1:] != cps[:-1]  # (C,) a run starts at a text start or a change
+    run_id = np.cumsum(new_run) - 1  # (C,)
+    in_run = np.bincount(run_id)[run_id] >= run  # (C,) inside a run of >= `run`
+    # reduceat gives an empty text its next neighbour's value (and cannot index past the end): zero them
+    per_text = np.add.reduceat(in_run, np.minimum(starts, len(cps) - 1)) * (length > 0)  # (n,)
+    return per_text / np.maximum(length, 1)
+
+
+def _ints(array: pa.Array) -> np.ndarray:
+    return array.to_numpy(zero_copy_only=False).astype(np.int64)
+
 
 def apply_rules(table: pa.Table, rules: RuleSet) -> pa.Table:
     """Mark kept rows that fail a rule as dropped, with the rule as reason."""
-    outcome = table.column("outcome").to_pylist()
-    reason = table.column("reason").to_pylist()
-    for i, text in enumerate(table.column("text").to_pylist()):
-        if outcome[i] == "kept" and (failed := rules.first_failing_rule(text)):
-            outcome[i], reason[i] = "dropped", failed
+    outcome = np.asarray(table.column("outcome").to_pylist(), dtype=object)
+    kept = np.flatnonzero(outcome == "kept")
+    if len(kept) == 0:
+        return table
+    failed = np.asarray(
+        rules.failing_rules(table.column("text").take(pa.array(kept)).combine_chunks()), dtype=object
+    )
+    reason = np.asarray(table.column("reason").to_pylist(), dtype=object)
+    dropped = kept[failed != ""]
+    outcome[dropped], reason[dropped] = "dropped", failed[failed != ""]
     table = table.set_column(
         table.schema.get_field_index("outcome"), "outcome", pa.array(outcome, pa.string())
     )
     return table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reason, pa.string()))
 
 
-def normalize_for_dedup(text: str, mode: str) -> str:
-    """nfkc_casefold_space: full-width/half-width, case and whitespace differences do not count."""
+def normalize_for_dedup(texts: pa.Array, mode: str) -> pa.Array:
+    """nfkc_lower_nospace: full-width/half-width, case and whitespace differences do not make a
+    text new. Vectorised (utf8proc); `normalize_text` applies it to one string."""
     if mode == "exact":
-        return text
-    return "".join(unicodedata.normalize("NFKC", text).casefold().split())
+        return texts
+    folded = pc.utf8_lower(pc.utf8_normalize(texts, "NFKC"))
+    return pc.replace_substring_regex(folded, SPACE_RE2, "")
+
+
+def normalize_text(text: str, mode: str) -> str:
+    return normalize_for_dedup(pa.array([text], pa.string()), mode)[0].as_py()

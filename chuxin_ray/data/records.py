@@ -11,15 +11,21 @@ row group; neither is ever held whole in memory.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
+
+from chuxin_ray.data.cleaning import SPACE_RE2
 
 # One row per source record; outcome in {kept, quarantined, dropped, duplicate}.
 RECORD_SCHEMA = pa.schema(
@@ -125,22 +131,23 @@ class RecordBuilder:
         return table
 
 
-def read_records(file: SourceFile, batch_rows: int = 8192) -> Iterator[pa.Table]:
+READ_ERRORS = (OSError, pa.ArrowException, EOFError, ValueError)
+
+
+def read_records(file: SourceFile, batch_rows: int = 8192, fast: bool = True) -> Iterator[pa.Table]:
     """Stream one file as tables of RECORD_SCHEMA. Never raises for bad content: a file that
-    cannot be read (corrupt compression, not parquet) ends with one `unreadable_file` row."""
-    reader = _read_jsonl if file.format == "jsonl" else _read_parquet
-    builder = RecordBuilder(file)
-    last_row = 0
-    try:
-        for row in reader(file, builder):
-            last_row = row
-            if len(builder) >= batch_rows:
-                yield builder.flush()
-    except (OSError, pa.ArrowException, EOFError, ValueError) as e:
-        detail = f"{type(e).__name__}: {e}"[:500]
-        builder.quarantined(last_row + 1, UNREADABLE_FILE, detail.encode("utf-8"))
-    if len(builder):
-        yield builder.flush()
+    cannot be read (corrupt compression, not parquet) ends with one `unreadable_file` row after
+    the rows read before the failure. `fast=False` parses jsonl line by line (the plain path)."""
+    if file.format == "jsonl":
+        yield from _read_jsonl(file, batch_rows, fast)
+    else:
+        yield from _read_parquet(file, batch_rows)
+
+
+def _unreadable(file: SourceFile, row: int, error: Exception) -> pa.Table:
+    out = RecordBuilder(file)
+    out.quarantined(row, UNREADABLE_FILE, f"{type(error).__name__}: {error}"[:500].encode("utf-8"))
+    return out.flush()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,13 +155,25 @@ def read_records(file: SourceFile, batch_rows: int = 8192) -> Iterator[pa.Table]
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(file: SourceFile, out: RecordBuilder) -> Iterator[int]:
+def _read_jsonl(file: SourceFile, batch_rows: int, fast: bool) -> Iterator[pa.Table]:
     compression = COMPRESSION.get(posixpath.splitext(file.path)[1].lower())
-    with file.fs.open_input_stream(file.path, compression=compression) as stream:
-        for lineno, line in _iter_lines(stream):
-            if line.strip():  # blank lines separate nothing and are not records
-                parse_jsonl_line(line, lineno, file, out)
-                yield lineno
+    block: list[tuple[int, bytes]] = []  # (line number, line) of non-blank lines
+    lineno, error = 0, None
+    try:
+        # 8 MiB reads: one ranged GET each on object stores, not one per decompressed chunk
+        with file.fs.open_input_stream(file.path, compression=compression, buffer_size=1 << 23) as stream:
+            for lineno, line in _iter_lines(stream):
+                if line.strip():  # blank lines separate nothing and are not records
+                    block.append((lineno, line))
+                if len(block) >= batch_rows:
+                    yield parse_jsonl_block(block, file, fast)
+                    block = []
+    except READ_ERRORS as e:
+        error = e
+    if block:
+        yield parse_jsonl_block(block, file, fast)
+    if error is not None:
+        yield _unreadable(file, lineno + 1, error)
 
 
 def _iter_lines(stream, chunk_bytes: int = 1 << 22) -> Iterator[tuple[int, bytes]]:
@@ -168,6 +187,65 @@ def _iter_lines(stream, chunk_bytes: int = 1 << 22) -> Iterator[tuple[int, bytes
             yield lineno, line.rstrip(b"\r")
     if pending:
         yield lineno + 1, pending.rstrip(b"\r")
+
+
+def parse_jsonl_block(block: list[tuple[int, bytes]], file: SourceFile, fast: bool = True) -> pa.Table:
+    """Records of a block of lines: pyarrow's C++ JSON parser when every line is a good record,
+    else (or with fast=False) line by line in Python, which names what is wrong with each."""
+    if fast and (table := _parse_block_fast(block, file)) is not None:
+        return table
+    out = RecordBuilder(file)
+    for lineno, line in block:
+        parse_jsonl_line(line, lineno, file, out)
+    return out.flush()
+
+
+def _parse_block_fast(block: list[tuple[int, bytes]], file: SourceFile) -> pa.Table | None:
+    """None whenever the block holds anything but good records, so the plain path decides."""
+    data = b"\n".join(line for _, line in block)
+    try:
+        parsed = pajson.read_json(
+            io.BytesIO(data),
+            read_options=pajson.ReadOptions(use_threads=False, block_size=len(data) + 1),
+            parse_options=pajson.ParseOptions(explicit_schema=pa.schema([(file.text_field, pa.string())])),
+        )
+        if parsed.num_rows != len(block):  # e.g. two objects on one line
+            return None
+        text = parsed.column(file.text_field).combine_chunks()
+        text.validate(full=True)  # pyarrow does not check UTF-8 inside strings
+        ids = parsed.column(file.id_field).combine_chunks() if file.id_field else None
+    except (pa.ArrowException, KeyError):
+        return None
+    blank = pc.equal(pc.count_substring_regex(text, SPACE_RE2), pc.utf8_length(text))
+    if text.null_count or pc.any(blank).as_py():
+        return None
+    if ids is not None:
+        # str and int ids only, as on the plain path (str(1) == "1"); floats and bools are wrong types
+        if ids.null_count or not (pa.types.is_string(ids.type) or pa.types.is_int64(ids.type)):
+            return None
+        ids = ids.cast(pa.string())
+    else:
+        ids = pa.array([record_id(file.source, t) for t in text.to_pylist()], pa.string())
+    rows = np.array([n for n, _ in block], dtype=np.int64)
+    return _kept_table(file, rows, ids, text)
+
+
+def _kept_table(file: SourceFile, rows: np.ndarray, ids: pa.Array, text: pa.Array) -> pa.Table:
+    n = len(rows)
+    return pa.table(
+        {
+            "id": ids,
+            "text": text,
+            "source": pa.array([file.source] * n, pa.string()),
+            "path": pa.array([file.uri] * n, pa.string()),
+            "row": rows,
+            "order": (file.index << 32) + rows,
+            "outcome": pa.array(["kept"] * n, pa.string()),
+            "reason": pa.array([""] * n, pa.string()),
+            "raw": pa.nulls(n, pa.binary()),
+        },
+        schema=RECORD_SCHEMA,
+    )
 
 
 def parse_jsonl_line(line: bytes, lineno: int, file: SourceFile, out: RecordBuilder) -> None:
@@ -209,23 +287,32 @@ def check_fields(text: Any, id_: Any, file: SourceFile) -> str | tuple[str, str]
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_parquet(file: SourceFile, out: RecordBuilder) -> Iterator[int]:
-    with file.fs.open_input_file(file.path) as handle:
-        pf = pq.ParquetFile(handle)
-        wanted = [c for c in (file.text_field, file.id_field) if c]
-        present = [c for c in wanted if c in pf.schema_arrow.names]
-        row = -1
-        for batch in pf.iter_batches(batch_size=8192, columns=present or None):
-            columns = {c: batch.column(c).to_pylist() for c in present}
-            for i in range(batch.num_rows):
-                row += 1
-                values = {c: columns[c][i] for c in present}
-                outcome = check_fields(
-                    values.get(file.text_field), values.get(file.id_field) if file.id_field else None, file
-                )
-                if isinstance(outcome, str):
-                    raw = json.dumps(values, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass")
-                    out.quarantined(row, outcome, raw)
-                else:
-                    out.kept(row, *outcome)
-                yield row
+def _read_parquet(file: SourceFile, batch_rows: int) -> Iterator[pa.Table]:
+    row, error = 0, None  # rows are 0-based: the row index in the file
+    try:
+        with file.fs.open_input_file(file.path) as handle:
+            pf = pq.ParquetFile(handle)
+            present = [c for c in (file.text_field, file.id_field) if c and c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=present):
+                yield parquet_batch(batch, row, file, present)
+                row += batch.num_rows
+    except READ_ERRORS as e:
+        error = e
+    if error is not None:
+        yield _unreadable(file, row, error)
+
+
+def parquet_batch(batch: pa.RecordBatch, first_row: int, file: SourceFile, present: list[str]) -> pa.Table:
+    out = RecordBuilder(file)
+    columns = {c: batch.column(c).to_pylist() for c in present}
+    for i in range(batch.num_rows):
+        values = {c: columns[c][i] for c in present}
+        outcome = check_fields(
+            values.get(file.text_field), values.get(file.id_field) if file.id_field else None, file
+        )
+        if isinstance(outcome, str):
+            raw = json.dumps(values, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass")
+            out.quarantined(first_row + i, outcome, raw)
+        else:
+            out.kept(first_row + i, *outcome)
+    return out.flush()

@@ -202,7 +202,7 @@ def clean(table: pa.Table, rules, dedup_mode: str) -> pa.Table:
 
 def finish_partition(table: pa.Table, out: storage.Location, dedup_enabled: bool) -> pa.Table:
     """Mark duplicates in one hash partition, write its shards, return what was written."""
-    table = dedup.mark_duplicates(table) if dedup_enabled else table.drop_columns([dedup.KEY])
+    table = dedup.mark_duplicates(table) if dedup_enabled else table.drop_columns([dedup.KEY, dedup.KEY_LOW])
     outcome = table.column("outcome")
     summary: dict[str, list] = {"outcome": [], "reason": [], "rows": [], "file": []}
 

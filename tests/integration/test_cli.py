@@ -40,7 +40,7 @@ def test_help_lists_stages_and_sections():
         ("ingest.rules.min_chars=many", "ingest.rules.min_chars: Input should be a valid integer"),
         (
             "ingest.dedup.normalize=fuzzy",
-            "ingest.dedup.normalize: Input should be 'nfkc_casefold_space' or 'exact'",
+            "ingest.dedup.normalize: Input should be 'nfkc_lower_nospace' or 'exact'",
         ),
         ("run.output=null", "run.output: Input should be a valid string"),
     ],

@@ -21,7 +21,7 @@ import zstandard
 
 from chuxin_ray import demo, storage
 from chuxin_ray.config import CleaningRules, load_config
-from chuxin_ray.data.cleaning import RuleSet, normalize_for_dedup
+from chuxin_ray.data.cleaning import RuleSet, normalize_text
 from chuxin_ray.data.records import record_id
 from chuxin_ray.data.shards import read_table
 from chuxin_ray.stages import ingest
@@ -113,7 +113,7 @@ def plain_ingest(files, parquet_texts):
         if reason := rules.first_failing_rule(text):
             dropped[reason] += 1
             continue
-        key = normalize_for_dedup(text, "nfkc_casefold_space")
+        key = normalize_text(text, "nfkc_lower_nospace")
         if key in seen:
             duplicates += 1
             continue

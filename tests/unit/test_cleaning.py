@@ -7,7 +7,7 @@ import pytest
 
 from chuxin_ray.config import CleaningRules
 from chuxin_ray.data import cleaning
-from chuxin_ray.data.cleaning import RuleSet, apply_rules, normalize_for_dedup
+from chuxin_ray.data.cleaning import RuleSet, apply_rules, normalize_text
 
 NEWS = "中共中央总书记、国家主席江泽民发表一九九八年新年讲话《迈向充满希望的新世纪》。"
 
@@ -64,6 +64,52 @@ def test_apply_rules_touches_only_kept_rows():
     assert out.column("reason").to_pylist() == ["", cleaning.TOO_SHORT, "invalid_json"]
 
 
-def test_normalize_for_dedup():
-    assert normalize_for_dedup("Ｈｅｌｌｏ　世界 ！", "nfkc_casefold_space") == "hello世界!"
-    assert normalize_for_dedup("A b", "exact") == "A b"
+def test_normalize_text():
+    assert normalize_text("Ｈｅｌｌｏ　世界 ！\t\n", "nfkc_lower_nospace") == "hello世界!"
+    assert normalize_text("A b", "exact") == "A b"
+
+
+ADVERSARIAL = [
+    "",
+    " ",
+    "\u3000\u3000中文\u3000",
+    "\x0b\x1c\x85\u2028中\xa0文",
+    "<b>粗体</b>中文内容很多很多很多很多很多",
+    "&amp;&#123;&#x4e2d;中文中文中文中文",
+    "<!-- 注释 -->正文正文正文正文正文",
+    "3 < 5 > 2 中文中文中文中文中文",
+    "哈" * 5 + "中文" * 10,
+    "哈" * 4 + "中文" * 10,
+    "行一\n行一\n行二\n行一",
+    "𠀀𠀁𠀂 Extension B 汉字",
+    "加微信 is blocked 中文中文中文",
+    "a.b*c 中文中文中文中文中文",
+    "行一\r行一\r行一\u2028行二",
+    "中文中文中文中文好好好好好好",
+    "",
+]
+
+
+@pytest.mark.parametrize("blocklist", [[], ["加微信", "a.b*c"]])
+def test_fast_path_equals_plain_path(blocklist):
+    """STYLE.md rule 7: the vectorised rules give the plain per-text answer on every text."""
+    from chuxin_ray import demo
+
+    texts = demo.people_daily()[:3000] + demo.reviews()[:3000] + ADVERSARIAL
+    for rules in (
+        CleaningRules(min_chars=8, max_chars=300, blocklist=blocklist),
+        CleaningRules(
+            min_chars=0,
+            min_cjk_ratio=0.9,
+            repeat_run=3,
+            max_repeated_char_ratio=0.05,
+            max_repeated_line_ratio=0.0,
+            max_markup_ratio=0.0,
+            blocklist=blocklist,
+        ),
+    ):
+        rule_set = RuleSet(rules)
+        fast = rule_set.failing_rules(pa.array(texts, pa.string()))
+        plain = [rule_set.first_failing_rule(t) for t in texts]
+        assert fast == plain
+        assert len(set(plain)) >= 5  # the texts exercise most rules

@@ -6,8 +6,8 @@ import random
 
 import pyarrow as pa
 
-from chuxin_ray.data.cleaning import normalize_for_dedup
-from chuxin_ray.data.dedup import KEY, add_dedup_key, mark_duplicates
+from chuxin_ray.data.cleaning import normalize_text
+from chuxin_ray.data.dedup import KEY, KEY_LOW, add_dedup_key, mark_duplicates
 
 
 def table(texts, outcomes=None):
@@ -29,11 +29,11 @@ def test_marks_all_but_first_occurrence_against_plain_loop():
     order = list(range(500))
     rng.shuffle(order)  # rows arrive out of order after a shuffle
     t = table(texts).set_column(1, "order", pa.array(order, pa.int64()))
-    out = mark_duplicates(add_dedup_key(t, "nfkc_casefold_space"))
-    assert KEY not in out.column_names
+    out = mark_duplicates(add_dedup_key(t, "nfkc_lower_nospace"))
+    assert KEY not in out.column_names and KEY_LOW not in out.column_names
     expected = {}
     for i in sorted(range(500), key=lambda i: order[i]):
-        expected.setdefault(normalize_for_dedup(texts[i], "nfkc_casefold_space"), i)
+        expected.setdefault(normalize_text(texts[i], "nfkc_lower_nospace"), i)
     kept = {i for i, o in enumerate(out.column("outcome").to_pylist()) if o == "kept"}
     assert kept == set(expected.values())
     assert out.column("reason").to_pylist().count("duplicate") == 500 - len(kept)
