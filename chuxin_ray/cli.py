@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "pipeline":
             p.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage")
             p.add_argument("--only", metavar="STAGE", help="run only this stage")
+    serve_help = "deploy the OpenAI-compatible LLM endpoint of the config's `serve` section on Ray Serve"
+    serve_p = sub.add_parser("serve", help=serve_help, description=serve_help)
+    serve_p.add_argument("config", metavar="CONFIG", help="YAML config file")
+    serve_p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. serve.port=8001"
+    )
     demo = sub.add_parser(
         "demo-data", help="write the tiny demo corpus and tokenizer that jobs/tiny.yaml reads"
     )
@@ -65,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.command == "pipeline":
+        if args.command == "serve":
+            from chuxin_ray.llm.service import deploy
+
+            deploy(cfg)
+        elif args.command == "pipeline":
             from chuxin_ray.pipeline import run_pipeline
 
             run_pipeline(cfg, start=args.start, only=args.only, force=args.force)

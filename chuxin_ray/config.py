@@ -100,9 +100,9 @@ class CleaningRules(Section):
 
 class DedupConfig(Section):
     enabled: bool = True
-    normalize: Literal["nfkc_casefold_space", "exact"] = Field(
-        default="nfkc_casefold_space",
-        description="nfkc_casefold_space: NFKC, case-folded, whitespace removed before hashing",
+    normalize: Literal["nfkc_lower_nospace", "exact"] = Field(
+        default="nfkc_lower_nospace",
+        description="nfkc_lower_nospace: NFKC, lower-cased, whitespace removed before hashing",
     )
     num_partitions: int | None = Field(
         default=None, ge=1, description="hash partitions; unset: about one per 64 MB of input, >= cores"
@@ -142,6 +142,412 @@ class TokenizeConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------------
+# Training (shared by pretrain and the finetuning stages)
+# --------------------------------------------------------------------------------------------------
+
+
+class TrainingConfig(Section):
+    """The Ray Train loop: scale, precision, optimiser, schedule, checkpoints. Batch sizes are per worker:
+    one optimizer step sees workers x batch_size x grad_accumulation sequences."""
+
+    # -- scale
+    workers: int = Field(default=1, ge=1, description="Ray Train workers (one process each)")
+    gpus_per_worker: float = Field(default=0.0, ge=0.0, description="0: train on CPU")
+    cpus_per_worker: float = Field(default=1.0, gt=0.0, description="fractional values pack workers tighter")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp", description="fsdp shards parameters, gradients and optimizer state across workers"
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="auto: bf16 autocast on GPU, fp32 on CPU"
+    )
+    check_resources: bool = Field(
+        default=True,
+        description="fail before fitting when the cluster cannot place the workers now; "
+        "false on an autoscaling cluster that adds nodes on demand",
+    )
+    # -- optimisation
+    steps: int = Field(ge=1, description="optimizer steps the run ends at, resumed runs included")
+    batch_size: int = Field(default=32, ge=1, description="sequences per worker per micro-batch")
+    grad_accumulation: int = Field(default=1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(default=1e-4, gt=0.0)
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(default=1e-8, gt=0.0)
+    warmup_ratio: float = Field(
+        default=0.1, ge=0.0, lt=1.0, description="share of steps with linear warmup; then linear decay to 0"
+    )
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0, description="null: no clipping")
+    gradient_checkpointing: bool = Field(
+        default=False, description="true cuts encoder activation memory ~L-fold for ~30% more compute"
+    )
+    seed: int = 42
+    # -- data
+    bucket_batches: int = Field(
+        default=64, ge=1, description="micro-batches sorted by length together; more: less padding"
+    )
+    # -- checkpoints and metrics
+    run_name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]{0,127}$",
+        description="Ray Train run; a rerun with the same name resumes. Unset: run.name",
+    )
+    checkpoint_every: int = Field(default=500, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(default=2, ge=1, description="latest checkpoints kept in storage")
+    max_failures: int = Field(
+        default=3, ge=0, description="worker-group restarts from the latest checkpoint before giving up"
+    )
+    log_every: int = Field(default=1, ge=1, description="steps between ray.train.report calls")
+    # -- test hooks: leave unset in real runs
+    stop_after_steps: int | None = Field(
+        default=None, ge=1, description="tests: end the run cleanly after this step, as if interrupted"
+    )
+    fail_at_step: int | None = Field(
+        default=None,
+        ge=1,
+        description="tests: the last worker exits at this step of a run begun from scratch",
+    )
+    record_rows: bool = Field(default=False, description="tests: metrics lines list the rows they trained on")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> TrainingConfig:
+        if self.strategy == "fsdp" and self.workers < 2:
+            raise ValueError("strategy fsdp needs workers >= 2 (one worker has nothing to shard across)")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage: pretrain
+# --------------------------------------------------------------------------------------------------
+
+
+class PretrainConfig(Section):
+    """RetroMAE (Xiao et al. 2022): encoder MLM + one-layer enhanced decoder; defaults from the paper."""
+
+    model: str = Field(
+        description="masked-LM to continue: local path, s3:// URI or hub id (BAAI/bge-m3-retromae); "
+        "`tiny`: a tiny XLM-R from chuxin_ray.models.tiny sized to the tokenizer (demo, tests)"
+    )
+    tokenizer: str | None = Field(default=None, description="unset: the tokenize stage's tokenizer")
+    input: str | None = Field(default=None, description="token ids; unset: the tokenize stage's output")
+    output: str | None = Field(default=None, description="unset: <run.output>/pretrain")
+    max_length: int = Field(default=512, ge=8, description="longer rows are cut, keeping their last token")
+    encoder_mask_ratio: float = Field(default=0.3, ge=0.0, le=1.0)
+    decoder_mask_ratio: float = Field(default=0.5, ge=0.0, le=1.0)
+    whole_word_mask: bool = Field(
+        default=True, description="where the vocabulary marks word pieces (`##`); token-level otherwise"
+    )
+    encoder_weight: float = Field(default=1.0, ge=0.0, description="loss = w_e * encoder MLM + w_d * decoder")
+    decoder_weight: float = Field(default=1.0, ge=0.0)
+    lm_head_chunk_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="rows per LM-head chunk; set with a 250k vocabulary to cap logit memory",
+    )
+    training: TrainingConfig
+
+
+# --------------------------------------------------------------------------------------------------
+# The LLM service (`chuxin-ray serve`) and the data-synthesis stages: synthesize, judge, mine, score
+# --------------------------------------------------------------------------------------------------
+
+
+class AutoscalingConfig(Section):
+    """Ray Serve autoscaling: replicas follow the requests in flight per replica."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(
+        default=16.0, gt=0.0, description="requests per replica Serve aims for; vLLM batches ~64-256"
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class ServeConfig(Section):
+    """The OpenAI-compatible endpoint (/v1/chat/completions, /v1/models) on Ray Serve. Not a stage:
+    `chuxin-ray serve` deploys it, and synthesize/judge call it unless their `llm.base_url` is set."""
+
+    model: str = Field(
+        description="causal LM: local path, s3:// or gs:// folder, or hub id (Qwen/Qwen2.5-7B-Instruct)"
+    )
+    model_id: str | None = Field(
+        default=None, description="the name clients send as `model`; unset: the last part of `model`"
+    )
+    engine: Literal["transformers", "vllm"] = Field(
+        default="transformers",
+        description="vllm: ray.serve.llm on GPUs (needs the GPU image); transformers: any causal LM on CPU",
+    )
+    # -- scale
+    replicas: int = Field(default=1, ge=1, description="fixed replica count when `autoscaling` is unset")
+    autoscaling: AutoscalingConfig | None = None
+    accelerator_type: str | None = Field(
+        default=None, description="vllm: e.g. H100, A100, L4; unset: any GPU"
+    )
+    # -- vLLM
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vllm: GPUs per replica")
+    max_model_len: int | None = Field(
+        default=None, ge=16, description="prompt + completion tokens; unset: the model's own limit"
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0.0, le=1.0, description="vllm: share of GPU memory for weights + KV cache"
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="vllm: further engine arguments (enable_prefix_caching, ...)"
+    )
+    # -- transformers (CPU)
+    dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="transformers: bfloat16 halves memory, slower on most CPUs"
+    )
+    max_batch_size: int = Field(default=8, ge=1, description="transformers: requests per generate call")
+    batch_wait_timeout_s: float = Field(
+        default=0.02, ge=0.0, description="transformers: how long a batch waits to fill"
+    )
+    num_cpus: float = Field(default=1.0, gt=0.0, description="transformers: CPUs per replica")
+    chat_template: str | None = Field(
+        default=None, description="Jinja chat template for models that ship none (base models)"
+    )
+    default_max_tokens: int = Field(default=256, ge=1, description="when a request sets no max_tokens")
+    # -- HTTP
+    host: str = Field(default="127.0.0.1", description="0.0.0.0 inside a container")
+    port: int = Field(default=8000, ge=1, le=65535)
+    route_prefix: str = Field(default="/", pattern=r"^/")
+    app_name: str = Field(default="llm", pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$")
+
+    @property
+    def served_model(self) -> str:
+        return self.model_id or self.model.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def url(self) -> str:
+        """The OpenAI base URL clients use (`.../v1`)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}{self.route_prefix.rstrip('/')}/v1"
+
+
+class LLMCallConfig(Section):
+    """How a stage calls the LLM: any OpenAI-compatible URL over HTTP, or (GPU) vLLM inside Ray Data."""
+
+    engine: Literal["http", "vllm"] = Field(
+        default="http", description="vllm: ray.data.llm's vLLM processor with the `serve` section's model"
+    )
+    base_url: str | None = Field(default=None, description="e.g. http://host:8000/v1; unset: the serve URL")
+    model: str | None = Field(default=None, description="the `model` sent; unset: the serve model's id")
+    api_key_env: str | None = Field(
+        default=None, description="environment variable holding a bearer token (never the token itself)"
+    )
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0, description="0: greedy")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=128, ge=1)
+    concurrency: int = Field(default=16, ge=1, description="requests in flight per caller actor")
+    actors: int = Field(default=1, ge=1, description="caller actors (http) or vLLM engines (vllm)")
+    num_cpus: float = Field(default=0.25, gt=0.0, description="per caller actor: they wait on the network")
+    batch_size: int = Field(default=64, ge=1, description="rows per Ray Data batch")
+    timeout_s: float = Field(default=120.0, gt=0.0, description="per request, connection included")
+    max_retries: int = Field(default=4, ge=0, description="retries after the first attempt")
+    backoff_s: float = Field(default=0.5, ge=0.0, description="first retry waits up to this; doubles")
+    backoff_max_s: float = Field(default=30.0, ge=0.0)
+
+
+class PromptTemplate(Section):
+    """A chat prompt: `system` and `user` are Python format strings over the fields the stage names."""
+
+    name: str = Field(default="default", pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$")
+    system: str | None = None
+    user: str
+
+
+SYNTHESIS_PROMPT = PromptTemplate(
+    name="search_query",
+    system="你是一名熟悉中文搜索引擎用户习惯的数据标注员。",
+    user=(
+        "下面是一段文本。请写出{n}个中文搜索查询，要求：用户在搜索引擎中输入这个查询时，"
+        "这段文本正好能回答他的问题；查询要简短自然，不要照抄原文。\n"
+        "每行写一个查询，不要编号，不要解释。\n\n文本：{passage}"
+    ),
+)
+JUDGE_PROMPT = PromptTemplate(
+    name="plausible_query",
+    system="你是一名严格的搜索质量评估员。",
+    user=(
+        "判断下面的查询是否像真实用户会在搜索引擎中输入的查询，并且这段文本能够回答它。"
+        "只回答“是”或“否”。\n\n查询：{query}\n文本：{passage}"
+    ),
+)
+
+
+def _check_placeholders(template: PromptTemplate, allowed: set[str], required: set[str], where: str) -> None:
+    import string
+
+    for part in ("system", "user"):
+        text = getattr(template, part)
+        if text is None:
+            continue
+        try:
+            names = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+        except ValueError as e:
+            raise ValueError(
+                f"{where}.{part}: not a format string ({e}); write literal braces as {{{{ }}}}"
+            ) from None
+        unknown = names - allowed
+        if unknown:
+            raise ValueError(
+                f"{where}.{part}: unknown placeholder(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
+            )
+    missing = required - {
+        f for t in (template.system, template.user) if t for _, f, _, _ in string.Formatter().parse(t) if f
+    }
+    if missing:
+        raise ValueError(f"{where}: the template must use {sorted(missing)}")
+
+
+class SynthesizeConfig(Section):
+    """An LLM writes search queries for passages; shards of `shard_rows` passages are written as they
+    finish, and a rerun skips finished shards."""
+
+    input: str | None = Field(default=None, description="{id, text} Parquet; unset: the ingest output")
+    output: str | None = Field(default=None, description="unset: <run.output>/synthesize")
+    queries_per_passage: int = Field(default=1, ge=1, le=20, description="`{n}` in the prompt")
+    prompts: list[PromptTemplate] = Field(
+        default_factory=lambda: [SYNTHESIS_PROMPT],
+        min_length=1,
+        description="placeholders {passage}, {n}; several: each passage gets one, chosen by its id hash",
+    )
+    max_passage_chars: int = Field(
+        default=2000, ge=16, description="passages are cut to this before prompting (~1.3k Qwen tokens)"
+    )
+    shard_rows: int = Field(default=1000, ge=1, description="passages per resumable output shard")
+    llm: LLMCallConfig = LLMCallConfig()
+
+    @model_validator(mode="after")
+    def _templates(self) -> SynthesizeConfig:
+        for i, t in enumerate(self.prompts):
+            _check_placeholders(t, {"passage", "n"}, {"passage"}, f"prompts.{i}")
+        if len({t.name for t in self.prompts}) != len(self.prompts):
+            raise ValueError("prompts: names must be unique (each query records the prompt it came from)")
+        return self
+
+
+class QueryRules(Section):
+    """Rules on generated queries, checked before judging so rejected queries cost no LLM call."""
+
+    min_chars: int = Field(default=4, ge=1, description="non-space characters")
+    max_chars: int = Field(default=64, ge=1)
+    max_copy_ratio: float | None = Field(
+        default=0.8,
+        ge=0.0,
+        le=1.0,
+        description="longest run copied from the passage / query length; 1.0: a verbatim span; null: off",
+    )
+    min_cjk_ratio: float | None = Field(
+        default=0.2, ge=0.0, le=1.0, description="CJK share of non-space chars ('iPhone15价格' is 0.2)"
+    )
+    dedup: bool = Field(default=True, description="the same normalised query for two passages: keep one")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> QueryRules:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) must be <= max_chars ({self.max_chars})")
+        return self
+
+
+class JudgeConfig(Section):
+    """Query rules, then the LLM judges whether each query is a plausible search query for its passage."""
+
+    input: str | None = Field(default=None, description="unset: the synthesize output")
+    output: str | None = Field(default=None, description="unset: <run.output>/judge")
+    prompt: PromptTemplate = Field(default=JUDGE_PROMPT, description="placeholders {query}, {passage}")
+    keep: Literal["yes", "not_no", "all"] = Field(
+        default="yes",
+        description="yes: only clear yes; not_no: yes or an unparseable answer; all: annotate, drop nothing",
+    )
+    rules: QueryRules = QueryRules()
+    max_passage_chars: int = Field(default=2000, ge=16)
+    num_partitions: int | None = Field(default=None, ge=1, description="dedup hash partitions; unset: cores")
+    llm: LLMCallConfig = LLMCallConfig(temperature=0.0, max_tokens=16)
+
+    @model_validator(mode="after")
+    def _template(self) -> JudgeConfig:
+        _check_placeholders(self.prompt, {"query", "passage"}, {"query"}, "prompt")
+        return self
+
+
+class EncoderRuntime(Section):
+    """Where an encoder or reranker runs: Ray Data actors, batched."""
+
+    actors: int | None = Field(default=None, ge=1, description="unset: one per GPU when num_gpus > 0, else 1")
+    num_gpus: float = Field(default=0.0, ge=0.0, description="per actor; 0: CPU")
+    num_cpus: float = Field(default=1.0, gt=0.0, description="per actor")
+    batch_size: int = Field(default=64, ge=1, description="texts or pairs per forward pass")
+    precision: Literal["auto", "fp16", "bf16", "fp32"] = Field(
+        default="auto", description="auto: fp16 on GPU, fp32 on CPU"
+    )
+
+
+class MineConfig(Section):
+    """Hard negatives: embed queries and corpus, exact top-k, sample from a rank range (FlagEmbedding
+    scripts/hn_mine.py: range_for_sampling 10-210, negative_number 15), positives excluded by id."""
+
+    encoder: str = Field(description="an HF encoder folder, s3:// URI or hub id; CLS pooling, normalised")
+    input: str | None = Field(default=None, description="queries; unset: the judge output")
+    corpus: str | None = Field(default=None, description="{id, text} Parquet; unset: the ingest output")
+    output: str | None = Field(default=None, description="unset: <run.output>/mine")
+    query_instruction: str = Field(
+        default="", description="prefix for queries (bge-*-zh-v1.5: 为这个句子生成表示以用于检索相关文章：)"
+    )
+    query_max_length: int = Field(default=64, ge=4)
+    passage_max_length: int = Field(default=512, ge=4)
+    range_start: int = Field(default=10, ge=0, description="first rank sampled (0-based)")
+    range_end: int = Field(default=210, ge=1, description="ranks [range_start, range_end) are sampled")
+    negative_number: int = Field(default=15, ge=1)
+    fill_random: bool = Field(
+        default=True, description="too few candidates left: fill from random passages, as hn_mine does"
+    )
+    seed: int = 42
+    corpus_shard_rows: int = Field(default=50_000, ge=1, description="passages per embedding shard")
+    query_shard_rows: int = Field(default=20_000, ge=1, description="queries per search task")
+    query_chunk: int = Field(default=1024, ge=1, description="queries scored against a shard at once")
+    runtime: EncoderRuntime = EncoderRuntime()
+
+    @model_validator(mode="after")
+    def _range(self) -> MineConfig:
+        if self.range_start >= self.range_end:
+            raise ValueError(f"range_start ({self.range_start}) must be < range_end ({self.range_end})")
+        return self
+
+
+class ScoreConfig(Section):
+    """A cross-encoder scores every (query, pos) and (query, neg), scored as FlagReranker does; drops
+    false positives and false negatives, and records the raw scores for distillation."""
+
+    reranker: str = Field(description="any sequence-classification folder, s3:// URI or hub id")
+    input: str | None = Field(default=None, description="FlagEmbedding jsonl; unset: the mine output")
+    output: str | None = Field(default=None, description="unset: <run.output>/score")
+    max_length: int = Field(default=512, ge=8, description="tokens per pair (FlagReranker max_length)")
+    query_max_length: int | None = Field(default=None, ge=4, description="unset: 3/4 of max_length")
+    mode: Literal["absolute", "relative"] = Field(
+        default="absolute",
+        description="absolute: raw scores against the thresholds; relative: sigmoid scores against a "
+        "share of the query's best other side (best negative for positives, best positive for negatives)",
+    )
+    pos_threshold: float | None = Field(
+        default=None, description="drop positives below (absolute) or below this x best negative (relative)"
+    )
+    neg_threshold: float | None = Field(
+        default=None,
+        description="drop negatives above (absolute) or above this x best positive (relative; 0.95 is "
+        "NV-Retriever's TopK-PercPos)",
+    )
+    min_negatives: int = Field(default=1, ge=0, description="queries left with fewer are dropped")
+    runtime: EncoderRuntime = EncoderRuntime(batch_size=32)
+
+
+# --------------------------------------------------------------------------------------------------
 # The whole config
 # --------------------------------------------------------------------------------------------------
 
@@ -167,6 +573,12 @@ class Config(Section):
     ray: RayConfig = RayConfig()
     ingest: IngestConfig | None = None
     tokenize: TokenizeConfig | None = None
+    pretrain: PretrainConfig | None = None
+    serve: ServeConfig | None = None
+    synthesize: SynthesizeConfig | None = None
+    judge: JudgeConfig | None = None
+    mine: MineConfig | None = None
+    score: ScoreConfig | None = None
 
     def stage_output(self, stage: str) -> str:
         """The output URI of a stage: its `output` key, else `<run.output>/<stage>`."""
@@ -185,10 +597,12 @@ class Config(Section):
         return self.model_dump(mode="json", exclude_none=False)
 
     def hash(self, *sections: str) -> str:
-        """sha256 of the named sections (all when none), secrets excluded: identifies an output."""
+        """sha256 of the named sections (all but `storage` when none): identifies what an output
+        was made from. Storage settings say where bytes live, not what they are, and hold secrets."""
         data = self.redacted()
-        if sections:
-            data = {k: data[k] for k in sections}
+        data = (
+            {k: data[k] for k in sections} if sections else {k: v for k, v in data.items() if k != "storage"}
+        )
         blob = json.dumps(data, sort_keys=True, ensure_ascii=False).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
