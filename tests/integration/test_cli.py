@@ -77,9 +77,12 @@ def test_tiny_pipeline_from_the_readme_then_rerun_skips(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     ingest = json.loads((tmp_path / "runs/ingest/_manifest.json").read_text())
     tokens = json.loads((tmp_path / "runs/tokenize/_manifest.json").read_text())
+    pretrain = json.loads((tmp_path / "runs/pretrain/_manifest.json").read_text())
     assert ingest["counts"]["kept"] > 4000
     assert tokens["counts"]["texts"] == ingest["counts"]["kept"]
+    assert pretrain["status"] == "complete"
+    assert (tmp_path / "runs/pretrain/encoder_model/config.json").exists()
     second = run_cli("pipeline", "jobs/tiny.yaml", *args, timeout=600)
     assert second.returncode == 0
-    assert second.stderr.count("nothing to do") == 2
+    assert second.stderr.count("nothing to do") == 3
     assert "connected to" not in second.stderr  # complete stages never start Ray
