@@ -20,8 +20,15 @@ from chuxin_ray.config import CleaningRules
 
 # CJK Unified Ideographs (+ Extension A, compatibility ideographs, Extensions B-F in plane 2).
 CJK_CLASS = r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]"
-CJK_CLASS_RE2 = r"[\x{3400}-\x{4dbf}\x{4e00}-\x{9fff}\x{f900}-\x{faff}\x{20000}-\x{2ffff}]"
 CJK = re.compile(CJK_CLASS)
+CJK_RANGES = (
+    (0x3400, 0x4DBF),
+    (0x4E00, 0x9FFF),
+    (0xF900, 0xFAFF),
+    (0x20000, 0x2FFFF),
+)  # the same, as numbers
+# Every code point str.isspace() accepts (29 of them).
+SPACE_CODE_POINTS = np.array([c for c in range(0x3001) if chr(c).isspace()], dtype="<u4")
 # What Python's str.isspace() accepts, in RE2 syntax (RE2's own \s is ASCII-only).
 SPACE_RE2 = r"[\t-\r\x{1c}-\x{1f} \x{85}\p{Z}]"
 # An HTML/XML tag, comment or character entity: what scraped pages leave behind. Valid in both
@@ -100,52 +107,80 @@ class RuleSet:
         """The fast path: the first failing rule of every text of a (non-null) string column."""
         r = self.rules
         n = len(texts)
-        length = _ints(pc.utf8_length(texts))  # (n,) code points
-        visible = length - _ints(pc.count_substring_regex(texts, SPACE_RE2))  # (n,)
-        cjk = _ints(pc.count_substring_regex(texts, CJK_CLASS_RE2)) / np.maximum(visible, 1)  # (n,)
-        markup_chars = length - _ints(pc.utf8_length(pc.replace_substring_regex(texts, MARKUP_PATTERN, "")))
+        points = CodePoints(texts)
+        length = points.length  # (n,) code points
+        visible = length - points.count(np.isin(points.cps, SPACE_CODE_POINTS))  # (n,)
+        cjk = points.count(in_ranges(points.cps, CJK_RANGES)) / np.maximum(visible, 1)  # (n,)
         fails = {
             TOO_SHORT: length < r.min_chars,
             TOO_LONG: length > r.max_chars,
             LOW_CJK_RATIO: np.where(visible > 0, cjk, 0.0) < r.min_cjk_ratio,
-            MARKUP_RESIDUE: markup_chars / np.maximum(length, 1) > r.max_markup_ratio,
+            REPEATED_CHARS: points.repeated_char_ratios(r.repeat_run) > r.max_repeated_char_ratio,
+            REPEATED_LINES: np.zeros(n, dtype=bool),
+            MARKUP_RESIDUE: np.zeros(n, dtype=bool),
             BLOCKLISTED: (
-                pc.match_substring_regex(texts, self.blocklist_pattern).to_numpy(zero_copy_only=False)
+                _bools(pc.match_substring_regex(texts, self.blocklist_pattern))
                 if self.blocklist_pattern
                 else np.zeros(n, dtype=bool)
             ),
         }
-        fails[REPEATED_CHARS] = repeated_char_ratios(texts, length, r.repeat_run) > r.max_repeated_char_ratio
-        # Repeated lines need a set per text: Python, only where no earlier rule has failed.
-        fails[REPEATED_LINES] = np.zeros(n, dtype=bool)
+        # Markup: the RE2 pattern only where a tag or entity can start.
+        maybe_markup = np.flatnonzero(_bools(pc.match_substring_regex(texts, "[<&]")))
+        if len(maybe_markup):
+            some = texts.take(pa.array(maybe_markup, pa.int64()))
+            removed = pc.utf8_length(pc.replace_substring_regex(some, MARKUP_PATTERN, ""))
+            markup_chars = length[maybe_markup] - _ints(removed)  # (m,)
+            ratio = markup_chars / np.maximum(length[maybe_markup], 1)
+            fails[MARKUP_RESIDUE][maybe_markup] = ratio > r.max_markup_ratio
+        # Repeated lines need a set per text: Python, only for multi-line texts no earlier rule failed.
         earlier = fails[TOO_SHORT] | fails[TOO_LONG] | fails[LOW_CJK_RATIO] | fails[REPEATED_CHARS]
-        several_lines = pc.match_substring_regex(texts, LINE_BREAK_RE2).to_numpy(zero_copy_only=False)
-        candidates = np.flatnonzero(~earlier & several_lines)
-        if len(candidates):
-            for i, text in zip(candidates, texts.take(pa.array(candidates)).to_pylist(), strict=True):
-                fails[REPEATED_LINES][i] = repeated_line_ratio(text) > r.max_repeated_line_ratio
+        candidates = np.flatnonzero(~earlier & _bools(pc.match_substring_regex(texts, LINE_BREAK_RE2)))
+        for i, text in zip(candidates, texts.take(pa.array(candidates, pa.int64())).to_pylist(), strict=True):
+            fails[REPEATED_LINES][i] = repeated_line_ratio(text) > r.max_repeated_line_ratio
         reasons = np.full(n, "", dtype=object)
         for rule in reversed(RULES):  # earlier rules overwrite later ones: the first failure wins
             reasons[fails[rule]] = rule
         return reasons.tolist()
 
 
-def repeated_char_ratios(texts: pa.Array, length: np.ndarray, run: int) -> np.ndarray:
-    """Vectorised `repeated_char_ratio` over a column: maximal runs of one code point, as the
-    greedy regex finds them, counted per text from the concatenated UTF-32 code points."""
-    if not length.sum():
-        return np.zeros(len(length))
-    cps = np.frombuffer("".join(texts.to_pylist()).encode("utf-32-le"), dtype="<u4")  # (C,) all texts
-    text_start = np.zeros(len(cps), dtype=bool)  # (C,)
-    starts = np.concatenate([[0], np.cumsum(length)[:-1]])  # (n,) first code point of each text
-    text_start[starts[length > 0]] = True
-    new_run = text_start.copy()
-    new_run[1:] |= cps[1:] != cps[:-1]  # (C,) a run starts at a text start or a change
-    run_id = np.cumsum(new_run) - 1  # (C,)
-    in_run = np.bincount(run_id)[run_id] >= run  # (C,) inside a run of >= `run`
-    # reduceat gives an empty text its next neighbour's value (and cannot index past the end): zero them
-    per_text = np.add.reduceat(in_run, np.minimum(starts, len(cps) - 1)) * (length > 0)  # (n,)
-    return per_text / np.maximum(length, 1)
+class CodePoints:
+    """The code points of a whole string column at once, for per-text counts without Python loops."""
+
+    def __init__(self, texts: pa.Array):
+        self.length = _ints(pc.utf8_length(texts))  # (n,)
+        self.cps = np.frombuffer("".join(texts.to_pylist()).encode("utf-32-le"), dtype="<u4")  # (C,)
+        self.starts = np.concatenate([[0], np.cumsum(self.length)[:-1]]).astype(np.int64)  # (n,)
+
+    def count(self, mask: np.ndarray) -> np.ndarray:
+        """(n,) per text: how many of its code points are set in `mask` (C,)."""
+        if not len(self.cps):
+            return np.zeros(len(self.length), dtype=np.int64)
+        # reduceat gives an empty text its neighbour's value (and cannot index past the end): zero them
+        sums = np.add.reduceat(mask.astype(np.int64), np.minimum(self.starts, len(self.cps) - 1))
+        return sums * (self.length > 0)
+
+    def repeated_char_ratios(self, run: int) -> np.ndarray:
+        """(n,) `repeated_char_ratio` of every text: maximal runs of one code point, as the greedy
+        regex finds them."""
+        if not len(self.cps):
+            return np.zeros(len(self.length))
+        new_run = np.zeros(len(self.cps), dtype=bool)  # (C,)
+        new_run[self.starts[self.length > 0]] = True  # a run starts at a text start ...
+        new_run[1:] |= self.cps[1:] != self.cps[:-1]  # ... or where the code point changes
+        run_id = np.cumsum(new_run) - 1  # (C,)
+        in_run = np.bincount(run_id)[run_id] >= run  # (C,) inside a run of >= `run`
+        return self.count(in_run) / np.maximum(self.length, 1)
+
+
+def in_ranges(cps: np.ndarray, ranges: tuple[tuple[int, int], ...]) -> np.ndarray:
+    mask = np.zeros(len(cps), dtype=bool)
+    for low, high in ranges:
+        mask |= (cps >= low) & (cps <= high)
+    return mask
+
+
+def _bools(array: pa.Array) -> np.ndarray:
+    return array.to_numpy(zero_copy_only=False).astype(bool)
 
 
 def _ints(array: pa.Array) -> np.ndarray:

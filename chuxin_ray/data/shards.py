@@ -16,7 +16,8 @@ def write_shard(out: Location, folder: str, table: pa.Table) -> str:
     overwrite each other; the stage's manifest decides which files count."""
     rel = f"{folder}/part-{uuid.uuid4().hex[:16]}.parquet"
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    # 64k-row groups: readers (Ray Data, the next stage) can split a shard into parallel blocks
+    pq.write_table(table, sink, compression="zstd", row_group_size=65_536)
     write_bytes(out.child(rel), sink.getvalue())
     return rel
 

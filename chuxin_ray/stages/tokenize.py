@@ -105,6 +105,9 @@ def run(plan: TokenizePlan, cfg: Config) -> dict:
     connect(cfg.ray)
     section = plan.cfg
     ds = ray.data.read_parquet(plan.inputs, filesystem=plan.src.fs).select_columns(["id", "text"])
+    # An actor works through one block at a time: blocks of a few batches keep every actor busy
+    # (a shard read as one block would go to one actor, whatever the pool size).
+    ds = ds.repartition(target_num_rows_per_block=4 * section.batch_size)
     ds = ds.map_batches(
         Tokenize,
         batch_size=section.batch_size,
