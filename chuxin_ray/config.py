@@ -510,7 +510,9 @@ class MineConfig(Section):
     )
     seed: int = 42
     corpus_shard_rows: int = Field(default=50_000, ge=1, description="passages per embedding shard")
-    query_shard_rows: int = Field(default=20_000, ge=1, description="queries per search task")
+    query_shard_rows: int = Field(
+        default=10_000, ge=1, description="queries per search task; ~200 MB of candidate ids at range_end 210"
+    )
     query_chunk: int = Field(default=1024, ge=1, description="queries scored against a shard at once")
     runtime: EncoderRuntime = EncoderRuntime()
 
