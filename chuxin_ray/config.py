@@ -132,7 +132,9 @@ class TokenizeConfig(Section):
     )
     stride: int = Field(default=64, ge=0, description="window mode: tokens shared by neighbouring windows")
     batch_size: int = Field(default=1024, ge=1, description="texts per tokenizer call")
-    concurrency: int | None = Field(default=None, ge=1, description="tokenizer actors; unset: Ray's cores")
+    concurrency: int | None = Field(
+        default=None, ge=1, description="tokenizer tasks at once; unset: all free cores"
+    )
 
     @model_validator(mode="after")
     def _stride(self) -> TokenizeConfig:

@@ -11,6 +11,7 @@ tokenizer's special tokens and holds at most max_length ids.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import ray
 from chuxin_ray import storage
 from chuxin_ray.config import Config, ConfigError, TokenizeConfig
 from chuxin_ray.data.shards import write_shard
-from chuxin_ray.ray_cluster import available_cpus, connect
+from chuxin_ray.ray_cluster import connect
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +110,14 @@ def run(plan: TokenizePlan, cfg: Config) -> dict:
     # (a shard read as one block would go to one actor, whatever the pool size).
     ds = ds.repartition(target_num_rows_per_block=4 * section.batch_size)
     ds = ds.map_batches(
-        Tokenize,
+        tokenize_block,
         batch_size=section.batch_size,
         batch_format="pyarrow",
-        # min 1: a fixed pool of one actor per core would hold every CPU and starve the read tasks
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=section.concurrency or available_cpus()),
-        fn_constructor_kwargs={
+        compute=ray.data.TaskPoolStrategy(size=section.concurrency) if section.concurrency else None,
+        fn_kwargs={
             "tokenizer_json": plan.tokenizer_json,
+            "tokenizer_key": hashlib.sha256(plan.tokenizer_json.encode()).hexdigest()
+            + f"-{section.max_length}-{section.long_texts}-{section.stride}",
             "max_length": section.max_length,
             "long_texts": section.long_texts,
             "stride": section.stride,
@@ -165,22 +167,26 @@ def main(cfg: Config, force: bool = False) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-class Tokenize:
-    """A Ray Data actor holding the Rust tokenizer. It gets the tokenizer as JSON from the driver
-    (which resolved the path or hub id once), so actors start in ~1 s without importing
-    transformers (~10 s) or touching the hub."""
+_TOKENIZERS: dict[str, object] = {}  # per worker process: Ray reuses workers across tasks
 
-    def __init__(self, tokenizer_json: str, max_length: int, long_texts: str, stride: int):
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread: Ray runs one actor per core
+
+def tokenize_block(
+    batch: pa.Table, tokenizer_json: str, tokenizer_key: str, max_length: int, long_texts: str, stride: int
+) -> pa.Table:
+    """A Ray Data task. Plain tasks, not an actor pool: they use every free core as Ray schedules
+    them, where a pool autoscaling from one actor stayed at one on a 2-core machine. The tokenizer
+    arrives as JSON from the driver (which resolved the path or hub id once) and is built once per
+    worker process, without importing transformers (~10 s)."""
+    tok = _TOKENIZERS.get(tokenizer_key)
+    if tok is None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread: Ray runs one task per core
         from tokenizers import Tokenizer
 
-        self.tok = Tokenizer.from_str(tokenizer_json)
-        self.tok.no_padding()
-        self.tok.enable_truncation(max_length, stride=stride if long_texts == "window" else 0)
-        self.long_texts = long_texts
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return tokenize_batch(self.tok, batch, self.long_texts)
+        tok = Tokenizer.from_str(tokenizer_json)
+        tok.no_padding()
+        tok.enable_truncation(max_length, stride=stride if long_texts == "window" else 0)
+        _TOKENIZERS[tokenizer_key] = tok
+    return tokenize_batch(tok, batch, long_texts)
 
 
 def tokenize_batch(tok, batch: pa.Table, long_texts: str) -> pa.Table:
