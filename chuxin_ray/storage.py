@@ -16,6 +16,7 @@ a complete manifest, and only the files it lists.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import time
@@ -29,6 +30,7 @@ import pyarrow.fs as pafs
 from chuxin_ray.config import StorageConfig
 
 MANIFEST = "_manifest.json"
+log = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
@@ -232,6 +234,14 @@ def begin_stage(
     for sub in subdirs:
         delete_dir(out.child(sub))
     return None
+
+
+def report_complete(stage: str, out: Location, manifest: dict) -> dict:
+    """What a stage does when its output is already complete for its config: say so, return it."""
+    log.info(
+        "%s: %s is already complete (finished %s); nothing to do", stage, out.uri, manifest["finished_at"]
+    )
+    return manifest
 
 
 def stage_manifest(

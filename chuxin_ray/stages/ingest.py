@@ -90,13 +90,7 @@ def list_inputs(section: IngestConfig, cfg: Config) -> list[SourceFile]:
 
 def run(plan: IngestPlan, cfg: Config) -> dict:
     if plan.manifest is not None:
-        log.info(
-            "%s: %s is already complete (finished %s); nothing to do",
-            STAGE,
-            plan.out.uri,
-            plan.manifest["finished_at"],
-        )
-        return plan.manifest
+        return storage.report_complete(STAGE, plan.out, plan.manifest)
     started = time.time()
     connect(cfg.ray)
     section = plan.cfg

@@ -75,13 +75,7 @@ def setup(cfg: Config, force: bool = False) -> MinePlan:
 
 def run(plan: MinePlan, cfg: Config) -> dict:
     if plan.manifest is not None:
-        log.info(
-            "%s: %s is already complete (finished %s); nothing to do",
-            STAGE,
-            plan.out.uri,
-            plan.manifest["finished_at"],
-        )
-        return plan.manifest
+        return storage.report_complete(STAGE, plan.out, plan.manifest)
     started = time.time()
     connect(cfg.ray)
     section = plan.cfg

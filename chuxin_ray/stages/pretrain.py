@@ -181,13 +181,7 @@ def tokenizer_info(tok, whole_word_mask: bool) -> TokenizerInfo:
 
 def run(plan: PretrainPlan, cfg: Config) -> dict:
     if plan.manifest is not None:
-        log.info(
-            "%s: %s is already complete (finished %s); nothing to do",
-            STAGE,
-            plan.out.uri,
-            plan.manifest["finished_at"],
-        )
-        return plan.manifest
+        return storage.report_complete(STAGE, plan.out, plan.manifest)
     started = time.time()
     section = plan.cfg
     training = section.training

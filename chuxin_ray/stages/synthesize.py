@@ -135,13 +135,7 @@ def read_markers(out: storage.Location) -> dict[str, dict]:
 
 def run(plan: SynthesizePlan, cfg: Config) -> dict:
     if plan.manifest is not None:
-        log.info(
-            "%s: %s is already complete (finished %s); nothing to do",
-            STAGE,
-            plan.out.uri,
-            plan.manifest["finished_at"],
-        )
-        return plan.manifest
+        return storage.report_complete(STAGE, plan.out, plan.manifest)
     started = time.time()
     finished = dict(plan.finished)
     if plan.pending:

@@ -95,13 +95,7 @@ def load_tokenizer(name: str):
 
 def run(plan: TokenizePlan, cfg: Config) -> dict:
     if plan.manifest is not None:
-        log.info(
-            "%s: %s is already complete (finished %s); nothing to do",
-            STAGE,
-            plan.out.uri,
-            plan.manifest["finished_at"],
-        )
-        return plan.manifest
+        return storage.report_complete(STAGE, plan.out, plan.manifest)
     started = time.time()
     connect(cfg.ray)
     section = plan.cfg
