@@ -60,8 +60,8 @@ def test_missing_section_and_unbuilt_stage(tmp_path):
     cfg.write_text("run: {name: x, output: /tmp/x}\n")
     out = run_cli("ingest", str(cfg), RAY_ADDRESS="127.0.0.1:1")
     assert out.returncode == 2 and "config has no `ingest` section" in out.stderr
-    out = run_cli("mine", str(cfg), RAY_ADDRESS="127.0.0.1:1")
-    assert out.returncode == 2 and "stage `mine` is part of the recipe but not built yet" in out.stderr
+    out = run_cli("finetune", str(cfg), RAY_ADDRESS="127.0.0.1:1")
+    assert out.returncode == 2 and "stage `finetune` is part of the recipe but not built yet" in out.stderr
 
 
 @pytest.mark.integration
