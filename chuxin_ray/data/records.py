@@ -104,9 +104,6 @@ class RecordBuilder:
         self.file = file
         self.cols: dict[str, list[Any]] = {name: [] for name in RECORD_SCHEMA.names}
 
-    def __len__(self) -> int:
-        return len(self.cols["row"])
-
     def kept(self, row: int, id_: str, text: str) -> None:
         self._add(row, id_, text, "kept", "", None)
 
