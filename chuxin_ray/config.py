@@ -552,6 +552,152 @@ class ScoreConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------------
+# Stages: finetune and unified (contrastive training of an embedder), evaluate, export
+# --------------------------------------------------------------------------------------------------
+
+
+class FinetuneConfig(Section):
+    """Contrastive finetuning of an embedder on FlagEmbedding-format jsonl (`query`, `pos`, `neg`, optional
+    `pos_scores`, `neg_scores`, `prompt`, `type`), as FlagEmbedding's encoder_only.base trainer: CLS
+    pooling, L2-normalised, InfoNCE at temperature 0.02 over listed, in-batch and cross-device negatives.
+
+    A dataset is one input file; a stage's sharded output (`part-NNNNN.jsonl` files) is one dataset per
+    folder. With `same_dataset_batches` every global batch comes from one dataset."""
+
+    model: str | None = Field(
+        default=None,
+        description="encoder to start from: local path, s3:// URI or hub id; unset: the previous training "
+        "stage's model (finetune: pretrain's encoder_model; unified: finetune's model)",
+    )
+    tokenizer: str | None = Field(default=None, description="unset: the model folder's own tokenizer")
+    input: str | None = Field(
+        default=None, description="a jsonl file or a prefix of them (.gz/.zst too); unset: the score output"
+    )
+    output: str | None = Field(default=None, description="unset: <run.output>/<stage>")
+    group_size: int = Field(
+        default=8, ge=1, description="passages per query: 1 positive + group_size-1 negatives"
+    )
+    query_max_length: int = Field(default=64, ge=4)
+    passage_max_length: int = Field(default=256, ge=4)
+    query_instruction: str = Field(
+        default="",
+        description="prefix of every query (bge-*-zh-v1.5: 为这个句子生成表示以用于检索相关文章：)",
+    )
+    query_instructions: dict[str, str] = Field(
+        default_factory=dict, description="per dataset name: a prefix replacing query_instruction"
+    )
+    same_dataset_batches: bool = Field(default=True, description="every global batch from one dataset")
+    temperature: float = Field(default=0.02, gt=0.0)
+    in_batch_negatives: bool = Field(default=True, description="other queries' passages are negatives too")
+    cross_device_negatives: bool = Field(
+        default=True, description="every worker's passages are negatives (dense scores only)"
+    )
+    distill: Literal["off", "kl", "m3_kd"] = Field(
+        default="off",
+        description="learn from pos_scores/neg_scores too (rows without them are quarantined): kl = "
+        "FlagEmbedding's kl_div, m3_kd = BGE-M3's m3_kd_loss",
+    )
+    teacher_temperature: float = Field(default=1.0, gt=0.0, description="teacher scores are divided by it")
+    grad_cache_chunk: int | None = Field(
+        default=None,
+        ge=1,
+        description="GradCache: encode this many texts at a time, so a step's batch can exceed memory",
+    )
+    seed: int = Field(default=42, description="negative sampling and the batch plan")
+    training: TrainingConfig
+
+    @model_validator(mode="after")
+    def _negatives(self) -> FinetuneConfig:
+        if self.cross_device_negatives and not self.in_batch_negatives:
+            raise ValueError(
+                "cross_device_negatives needs in_batch_negatives (other workers' passages are in-batch)"
+            )
+        return self
+
+
+class UnifiedWeights(Section):
+    """BGE-M3's constants (FlagEmbedding m3 modeling.py); see chuxin_ray/losses/unified.py."""
+
+    dense: float = Field(default=1.0, ge=0.0)
+    ensemble: float = Field(default=1.0, ge=0.0)
+    sparse: float = Field(default=0.1, ge=0.0)
+    colbert: float = Field(default=1.0, ge=0.0)
+    heads_divisor: float = Field(default=4.0, gt=0.0)
+    ensemble_dense: float = Field(default=1.0, ge=0.0)
+    ensemble_sparse: float = Field(default=0.3, ge=0.0)
+    ensemble_colbert: float = Field(default=1.0, ge=0.0)
+    distill_dense: float = Field(default=1.0, ge=0.0)
+    distill_sparse: float = Field(default=0.1, ge=0.0)
+    distill_colbert: float = Field(default=1.0, ge=0.0)
+    distill_divisor: float = Field(default=3.0, gt=0.0)
+    total_divisor: float = Field(default=2.0, gt=0.0)
+
+
+class UnifiedConfig(FinetuneConfig):
+    """BGE-M3's unified finetuning: dense + sparse + ColBERT heads, their ensemble, and self-knowledge
+    distillation from the ensemble; `distill` here picks the teacher-score loss (BGE-M3: m3_kd)."""
+
+    colbert_dim: int | None = Field(default=None, ge=1, description="unset: the hidden size, as BGE-M3")
+    self_distill: bool = Field(default=True, description="distill the ensemble into each head")
+    self_distill_start_step: int = Field(
+        default=-1, description="self-distillation after this optimizer step"
+    )
+    weights: UnifiedWeights = UnifiedWeights()
+
+
+class EvalSet(Section):
+    """A retrieval set in the BEIR / C-MTEB layout: a folder with corpus.*, queries.*, qrels(/test).*"""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$")
+    uri: str = Field(description="folder: local path or s3:// prefix")
+    query_instruction: str | None = Field(default=None, description="unset: evaluate.query_instruction")
+
+
+class EvaluateConfig(Section):
+    """nDCG@{1,3,5,10} (main: nDCG@10, as C-MTEB), recall@{10,100}, MRR@10, MAP@10 by exact top-k."""
+
+    model: str | None = Field(
+        default=None, description="model folder; unset: the last training stage's (unified, finetune)"
+    )
+    baseline: str | None = Field(
+        default=None, description="a second model scored alongside: the starting one"
+    )
+    sets: list[EvalSet] = Field(min_length=1)
+    output: str | None = Field(default=None, description="unset: <run.output>/evaluate")
+    methods: list[Literal["dense", "sparse", "colbert", "hybrid"]] = Field(
+        default_factory=lambda: ["dense"], min_length=1, description="sparse/colbert/hybrid need M3 heads"
+    )
+    hybrid_weights: tuple[float, float, float] = Field(
+        default=(0.4, 0.2, 0.4), description="dense, sparse, colbert: BGEM3FlagModel.compute_score's"
+    )
+    query_instruction: str = ""
+    query_max_length: int = Field(default=64, ge=4)
+    passage_max_length: int = Field(default=512, ge=4)
+    top_k: int = Field(default=100, ge=10, description="ranked passages kept per query")
+    corpus_shard_rows: int = Field(default=50_000, ge=1, description="passages per embedding shard")
+    runtime: EncoderRuntime = EncoderRuntime()
+
+    @model_validator(mode="after")
+    def _unique(self) -> EvaluateConfig:
+        names = [s.name for s in self.sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sets: names must be unique, got {names}")
+        return self
+
+
+class ExportConfig(Section):
+    """The release folder: the BGE-M3 layout that BGEM3FlagModel, FlagModel and SentenceTransformer load."""
+
+    model: str | None = Field(default=None, description="unset: the last training stage's model")
+    output: str | None = Field(default=None, description="unset: <run.output>/export")
+    model_name: str | None = Field(default=None, description="in the model card; unset: run.name")
+    query_instruction: str | None = Field(
+        default=None, description="recorded for users; unset: the training stage's query_instruction"
+    )
+    verify: bool = Field(default=True, description="load the folder back and compare its embeddings")
+
+
+# --------------------------------------------------------------------------------------------------
 # The whole config
 # --------------------------------------------------------------------------------------------------
 
@@ -583,12 +729,28 @@ class Config(Section):
     judge: JudgeConfig | None = None
     mine: MineConfig | None = None
     score: ScoreConfig | None = None
+    finetune: FinetuneConfig | None = None
+    unified: UnifiedConfig | None = None
+    evaluate: EvaluateConfig | None = None
+    export: ExportConfig | None = None
 
     def stage_output(self, stage: str) -> str:
         """The output URI of a stage: its `output` key, else `<run.output>/<stage>`."""
         section = getattr(self, stage, None)
         explicit = getattr(section, "output", None)
         return explicit or join_uri(self.run.output, stage)
+
+    def trained_model(self, before: str) -> str:
+        """The model folder of the last training stage before `before` in pipeline order that this config
+        has: <unified>/model, <finetune>/model or <pretrain>/encoder_model. ConfigError when none."""
+        folders = {"unified": "model", "finetune": "model", "pretrain": "encoder_model"}
+        for stage in reversed(STAGES[: STAGES.index(before)]):
+            if stage in folders and getattr(self, stage, None) is not None:
+                return join_uri(self.stage_output(stage), folders[stage])
+        raise ConfigError(
+            f"{before}.model: not set, and the config has no training stage before `{before}` "
+            "(pretrain, finetune, unified) whose model it could use"
+        )
 
     def require(self, stage: str) -> Any:
         section = getattr(self, stage, None)
