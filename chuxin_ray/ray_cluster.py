@@ -22,7 +22,8 @@ def connect(cfg: RayConfig | None = None) -> None:
         return
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict = {"address": address, "logging_level": logging.WARNING}
+    # "local", not None: ray.init(address=None) would join any cluster `ray start` left on this machine
+    kwargs: dict = {"address": address or "local", "logging_level": logging.WARNING}
     if address is None:
         # A local Ray sized to this machine; the dashboard is only worth its ~1 GB on a real cluster.
         kwargs["num_cpus"] = cfg.num_cpus or os.cpu_count()

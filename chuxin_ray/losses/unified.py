@@ -14,9 +14,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from chuxin_ray.losses.infonce import group_logits, info_nce, upcast
+from chuxin_ray.losses.contrastive import ContrastiveLoss
+from chuxin_ray.losses.infonce import upcast
 from chuxin_ray.losses.kl_distill import KLDistillLoss
-from chuxin_ray.losses.m3_kd_distill import M3KDDistillLoss
 from chuxin_ray.models.m3 import ensemble_scores
 
 
@@ -85,30 +85,16 @@ class UnifiedLoss(nn.Module):
         teacher_temperature: float = 1.0,
     ) -> None:
         super().__init__()
-        if kd_loss not in ("kl", "m3_kd"):
-            raise ValueError(f"kd_loss must be 'kl' or 'm3_kd', got {kd_loss!r}")
         self.weights = weights or UnifiedLossWeights()
         self.temperature = temperature
         self.use_self_distill = use_self_distill
         self.self_distill_start_step = self_distill_start_step
         self.kd_loss = kd_loss
-        # the inputs below are logits already, so these run at temperature 1
-        self.teacher_kl = KLDistillLoss(temperature=1.0, teacher_temperature=teacher_temperature)
-        self.teacher_m3_kd = M3KDDistillLoss(temperature=1.0, teacher_temperature=teacher_temperature)
+        self.contrastive = ContrastiveLoss(kd_loss, teacher_temperature)
         self.self_kl = KLDistillLoss(temperature=1.0, teacher_temperature=1.0)
 
     def self_distill_active(self, step: int) -> bool:
         return self.use_self_distill and step > self.self_distill_start_step
-
-    def _head_loss(
-        self, logits: torch.Tensor, group_size: int, teacher_scores: torch.Tensor | None, query_offset: int
-    ) -> torch.Tensor:
-        if teacher_scores is None:
-            return info_nce(logits, group_size, query_offset)  # ()
-        if self.kd_loss == "m3_kd":
-            return self.teacher_m3_kd(logits, teacher_scores, query_offset)  # ()
-        student = group_logits(logits, group_size, query_offset)  # (B, G)
-        return info_nce(logits, group_size, query_offset) + self.teacher_kl(student, teacher_scores)  # ()
 
     def terms(
         self,
@@ -135,10 +121,10 @@ class UnifiedLoss(nn.Module):
         )  # (B, N)
 
         terms = {
-            "dense": self._head_loss(dense, group_size, teacher_scores, dense_query_offset),
-            "sparse": self._head_loss(sparse, group_size, teacher_scores, 0),
-            "colbert": self._head_loss(colbert, group_size, teacher_scores, 0),
-            "ensemble": self._head_loss(ensemble, group_size, teacher_scores, 0),
+            "dense": self.contrastive(dense, group_size, teacher_scores, dense_query_offset),
+            "sparse": self.contrastive(sparse, group_size, teacher_scores, 0),
+            "colbert": self.contrastive(colbert, group_size, teacher_scores, 0),
+            "ensemble": self.contrastive(ensemble, group_size, teacher_scores, 0),
         }
         loss = (
             w.dense * terms["dense"]

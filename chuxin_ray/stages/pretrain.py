@@ -297,7 +297,7 @@ class RetroMAEStep:
     decoder_mask_ratio: float
     _word_start: torch.Tensor | None = None  # (V,) bool on the device, built on first use
 
-    def __call__(self, model: nn.Module, batch: TokenBatch) -> loop.StepOutput:
+    def __call__(self, model: nn.Module, batch: TokenBatch, context: loop.StepContext) -> loop.StepOutput:
         ids = batch.input_ids  # (B, L)
         word_start = None
         if self.info.word_start is not None:
@@ -332,7 +332,7 @@ def load_masked_lm(source: str, info: TokenizerInfo, seed: int, storage_cfg: Sto
     try:
         lm = AutoModelForMaskedLM.from_pretrained(path)
     finally:
-        if path != source:  # a temporary download
+        if path != source.removeprefix("file://"):  # a temporary download
             shutil.rmtree(path, ignore_errors=True)
     return lm
 

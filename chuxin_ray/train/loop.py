@@ -46,6 +46,16 @@ log = logging.getLogger(__name__)
 class StepOutput(NamedTuple):
     loss: torch.Tensor  # () this micro-batch's loss, the one to backpropagate
     metrics: dict[str, torch.Tensor]  # () values averaged over micro-batches and workers (loss parts)
+    backward_done: bool = False  # the step ran its own backward (GradCache), scaled by loss_scale
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a model step may need to know about the optimizer step it is part of."""
+
+    step: int  # the optimizer step being computed, 1-based
+    loss_scale: float  # 1 / grad_accumulation: what a step running its own backward multiplies by
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None  # DDP's no_sync, for GradCache
 
 
 class Batch(Protocol):
@@ -64,7 +74,7 @@ class Batch(Protocol):
     def to(self, device: torch.device) -> Batch: ...
 
 
-ModelStep = Callable[[nn.Module, Any], StepOutput]
+ModelStep = Callable[[nn.Module, Any, StepContext], StepOutput]
 
 
 @dataclass
@@ -72,7 +82,7 @@ class TrainTask:
     """What a stage hands the loop, built inside the worker."""
 
     model: nn.Module  # unwrapped; the loop moves it to the device and wraps it
-    model_step: ModelStep  # forward of one micro-batch already on the device -> StepOutput
+    model_step: ModelStep  # forward (and maybe backward) of one micro-batch on the device -> StepOutput
     batches: Callable[[DataPosition], Iterator[Any]]  # micro-batches from a position on, through epochs
     shard_units: Callable[[nn.Module], list[nn.Module]] = field(default=lambda model: [])  # FSDP units
     export: Callable[[dict[str, torch.Tensor]], None] | None = None  # rank 0, full state dict at the end
@@ -368,10 +378,16 @@ def train(cfg: TrainingConfig, task: TrainTask) -> dict:
             rows.extend(batch.rows or [])
             progress.position = batch.position.next()
             batch = batch.to(device)
+            context = StepContext(
+                step=progress.step + 1,
+                loss_scale=1.0 / cfg.grad_accumulation,
+                no_sync=model.no_sync if isinstance(model, nn.parallel.DistributedDataParallel) else None,
+            )
             with grad_sync(model, micro == cfg.grad_accumulation - 1):
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                    out = task.model_step(model, batch)
-                (out.loss / cfg.grad_accumulation).backward()
+                    out = task.model_step(model, batch, context)
+                if not out.backward_done:
+                    (out.loss * context.loss_scale).backward()
             for name, value in {"loss": out.loss, **out.metrics}.items():
                 value = value.detach().float()
                 sums[name] = sums[name] + value if name in sums else value

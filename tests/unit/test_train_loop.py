@@ -50,7 +50,7 @@ class Toy(nn.Module):
         return self.out(self.dropout(self.norm(torch.relu(self.hidden(x))))).squeeze(-1)  # (B,)
 
 
-def toy_step(model: nn.Module, batch: ToyBatch) -> loop.StepOutput:
+def toy_step(model: nn.Module, batch: ToyBatch, context: loop.StepContext) -> loop.StepOutput:
     error = (model(batch.x) - batch.y).pow(2)  # (B,)
     return loop.StepOutput(error.mean(), {"max_error": error.max()})
 
@@ -150,7 +150,8 @@ def test_checkpoint_round_trip_continues_bit_for_bit(tmp_path):
 
     def steps(model, optimizer, rows):
         for start in rows:
-            loss = toy_step(model, ToyBatch(X[start : start + 4], Y[start : start + 4], DataPosition())).loss
+            batch = ToyBatch(X[start : start + 4], Y[start : start + 4], DataPosition())
+            loss = toy_step(model, batch, loop.StepContext(step=1, loss_scale=1.0, no_sync=None)).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
