@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from chuxin_ray import __version__, stages
+from chuxin_ray import __version__, launch, stages
 from chuxin_ray.config import STAGES, ConfigError, describe_sections, load_config
 from chuxin_ray.storage import OutputConflict, StorageError
 
@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         "demo-data", help="write the tiny demo corpus and tokenizer that jobs/tiny.yaml reads"
     )
     demo.add_argument("out", nargs="?", default="demo", help="folder (default: demo)")
+    report_help = "write <RUN_URI>/report/report.{md,html}: stages, data funnel, losses, scores, evaluation"
+    report_p = sub.add_parser("report", help=report_help, description=report_help)
+    report_p.add_argument("run_uri", metavar="RUN_URI", help="a run's output (run.output): path or s3://")
+    plan_help = "GPU-hours, nodes, storage and LLM tokens a run of the config's `plan` section needs"
+    plan_p = sub.add_parser("plan", help=plan_help, description=plan_help)
+    plan_p.add_argument("config", metavar="CONFIG", help="YAML config file with a `plan` section")
+    plan_p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. plan.mfu=0.35")
+    launch.add_parsers(sub)  # launch, status: the run as KubeRay objects
     return parser
 
 
@@ -69,9 +77,20 @@ def main(argv: list[str] | None = None) -> int:
 
         demo.prepare(args.out)
         return 0
+    if args.command in ("launch", "status"):
+        return launch.run_command(args)
     try:
+        if args.command == "report":  # storage settings from the AWS_* environment
+            from chuxin_ray.report import write_report
+
+            print(write_report(args.run_uri)["html"])
+            return 0
         cfg = load_config(args.config, args.overrides)
-        if args.command == "serve":
+        if args.command == "plan":  # arithmetic only: starts no Ray
+            from chuxin_ray import plan
+
+            plan.main(cfg)
+        elif args.command == "serve":
             from chuxin_ray.llm.service import deploy
 
             deploy(cfg)

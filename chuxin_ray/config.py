@@ -424,6 +424,11 @@ class SynthesizeConfig(Section):
         default=2000, ge=16, description="passages are cut to this before prompting (~1.3k Qwen tokens)"
     )
     shard_rows: int = Field(default=1000, ge=1, description="passages per resumable output shard")
+    max_passages: int | None = Field(
+        default=None,
+        ge=1,
+        description="queries for the input's first N passages only (the recipe: ~1e6 of ~1e8); unset: all",
+    )
     llm: LLMCallConfig = LLMCallConfig()
 
     @model_validator(mode="after")
@@ -495,7 +500,11 @@ class MineConfig(Section):
     """Hard negatives: embed queries and corpus, exact top-k, sample from a rank range (FlagEmbedding
     scripts/hn_mine.py: range_for_sampling 10-210, negative_number 15), positives excluded by id."""
 
-    encoder: str = Field(description="an HF encoder folder, s3:// URI or hub id; CLS pooling, normalised")
+    encoder: str | None = Field(
+        default=None,
+        description="an HF encoder folder, s3:// URI or hub id; CLS pooling, normalised. Unset: the finetune "
+        "stage's model when its output is complete, else the pretrain stage's encoder_model",
+    )
     input: str | None = Field(default=None, description="queries; unset: the judge output")
     corpus: str | None = Field(default=None, description="{id, text} Parquet; unset: the ingest output")
     output: str | None = Field(default=None, description="unset: <run.output>/mine")
@@ -579,6 +588,10 @@ class FinetuneConfig(Section):
     )
     query_max_length: int = Field(default=64, ge=4)
     passage_max_length: int = Field(default=256, ge=4)
+    pooling: Literal["cls", "mean"] = Field(
+        default="cls",
+        description="the sentence vector (FlagEmbedding's sentence_pooling_method); unified: cls",
+    )
     query_instruction: str = Field(
         default="",
         description="prefix of every query (bge-*-zh-v1.5: 为这个句子生成表示以用于检索相关文章：)",
@@ -644,6 +657,12 @@ class UnifiedConfig(FinetuneConfig):
     )
     weights: UnifiedWeights = UnifiedWeights()
 
+    @model_validator(mode="after")
+    def _cls(self) -> UnifiedConfig:
+        if self.pooling != "cls":
+            raise ValueError("pooling: the M3 dense head is the CLS state (BGE-M3); only cls is allowed here")
+        return self
+
 
 class EvalSet(Section):
     """A retrieval set in the BEIR / C-MTEB layout: a folder with corpus.*, queries.*, qrels(/test).*"""
@@ -698,6 +717,84 @@ class ExportConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------------
+# `chuxin-ray plan`: what a real-scale run needs before GPUs are booked (chuxin_ray/plan.py). Not a stage.
+# --------------------------------------------------------------------------------------------------
+
+
+class ModelShape(Section):
+    """A transformer's shape; chuxin_ray/plan.py counts its parameters and FLOPs from it.
+    encoder: BERT/XLM-R layout (learned positions, biases, LayerNorm, pooler);
+    decoder: Qwen2/Llama layout (rotary, RMSNorm, grouped-query attention, SwiGLU)."""
+
+    kind: Literal["encoder", "decoder"]
+    layers: int = Field(ge=1)
+    hidden: int = Field(ge=1)
+    vocab: int = Field(ge=1)
+    intermediate: int = Field(ge=1, description="FFN width (XLM-R large: 4096)")
+    heads: int = Field(ge=1)
+    kv_heads: int | None = Field(default=None, ge=1, description="decoder: key/value heads; unset: heads")
+    position_embeddings: int = Field(default=0, ge=0, description="encoder: learned rows (bge-m3: 8194)")
+    tied_embeddings: bool = Field(default=True, description="decoder: the LM head reuses the input table")
+
+
+class MeasuredFigure(Section):
+    """A throughput one of the bench/ scripts printed, with the command and the machine it came from."""
+
+    name: Literal["ingest_records_per_core_s", "tokenize_texts_per_core_s", "synthesis_stage_overhead"]
+    value: float = Field(ge=0.0)
+    source: str = Field(min_length=1, description="the command that printed it")
+    hardware: str = Field(min_length=1, description="where it ran; say CPU when it ran on CPU")
+
+    @model_validator(mode="after")
+    def _share(self) -> MeasuredFigure:
+        if self.name == "synthesis_stage_overhead" and self.value >= 1.0:
+            raise ValueError(
+                f"synthesis_stage_overhead is a share of throughput lost, < 1 (got {self.value})"
+            )
+        return self
+
+
+class PlanConfig(Section):
+    """Counts of a real-scale run and the hardware it is planned on. Steps, lengths and group sizes come
+    from the pretrain/synthesize/mine/score/finetune/unified sections when the config has them."""
+
+    # -- data
+    pretrain_texts: int = Field(ge=0, description="texts in the corpus: ingest, tokenize, pretrain")
+    finetune_pairs: int = Field(ge=0, description="(query, positive) pairs of the finetune stage")
+    refinement_pairs: int = Field(ge=0, description="pairs of the unified stage")
+    synthesis_passages: int = Field(ge=0, description="passages the LLM writes queries for")
+    mined_pairs: int | None = Field(
+        default=None, ge=0, description="queries mined and scored; unset: finetune + refinement pairs"
+    )
+    mine_corpus_passages: int | None = Field(
+        default=None, ge=0, description="passages mine searches; unset: pretrain_texts"
+    )
+    text_tokens: float = Field(default=400.0, gt=0.0, description="mean tokens per pretraining text")
+    query_tokens: float = Field(default=16.0, gt=0.0, description="mean tokens per query")
+    passage_tokens: float = Field(default=300.0, gt=0.0, description="mean tokens per passage")
+    prompt_tokens: int = Field(default=150, ge=0, description="LLM instructions + chat template per request")
+    judge_answer_tokens: int = Field(default=4, ge=1, description="tokens of a judge verdict")
+    bytes_per_token: float = Field(
+        default=4.0, gt=0.0, description="text bytes per token: Chinese UTF-8 3 bytes/char x ~1.3 chars"
+    )
+    # -- hardware
+    gpu: Literal["h100", "a100", "h200"] = "h100"
+    gpus_per_node: int = Field(default=8, ge=1)
+    mfu: float = Field(
+        default=0.4, gt=0.0, le=1.0, description="model FLOPs utilisation of encoder training and inference"
+    )
+    llm_mfu: float = Field(
+        default=0.2, gt=0.0, le=1.0, description="of LLM prefill + decode; decode is memory-bound"
+    )
+    target_hours: float = Field(default=24.0, gt=0.0, description="wall time per stage: sets the node count")
+    # -- models: unset = bge-m3 (XLM-R large) for encoder and reranker, Qwen2.5-72B-Instruct for the LLM
+    encoder: ModelShape | None = None
+    reranker: ModelShape | None = None
+    llm: ModelShape | None = None
+    measured: list[MeasuredFigure] = Field(default_factory=list, description="bench/ figures, with source")
+
+
+# --------------------------------------------------------------------------------------------------
 # The whole config
 # --------------------------------------------------------------------------------------------------
 
@@ -733,6 +830,7 @@ class Config(Section):
     unified: UnifiedConfig | None = None
     evaluate: EvaluateConfig | None = None
     export: ExportConfig | None = None
+    plan: PlanConfig | None = None
 
     def stage_output(self, stage: str) -> str:
         """The output URI of a stage: its `output` key, else `<run.output>/<stage>`."""

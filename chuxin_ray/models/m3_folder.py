@@ -110,12 +110,17 @@ def save_dense_folder(
     model_name: str | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> list[str]:
-    """The same folder without the head files: a dense (CLS) embedder, as the finetune stage trains.
+    """The same folder without the head files: a dense embedder (CLS or mean), as the finetune stage trains.
     FlagModel and SentenceTransformer load it; `load_m3_folder` only with heads="optional"."""
-    if embedder.pooling != "cls":
-        raise ValueError(f"save_dense_folder writes CLS pooling; this embedder pools by {embedder.pooling}")
     return _save_folder(
-        embedder.encoder, None, tokenizer, Path(dest), query_instruction, model_name, provenance
+        embedder.encoder,
+        None,
+        tokenizer,
+        Path(dest),
+        query_instruction,
+        model_name,
+        provenance,
+        embedder.pooling,
     )
 
 
@@ -127,6 +132,7 @@ def _save_folder(
     query_instruction: str,
     model_name: str | None,
     provenance: dict[str, Any] | None,
+    pooling: Pooling = "cls",
 ) -> list[str]:
     from chuxin_ray import __version__
 
@@ -138,12 +144,14 @@ def _save_folder(
             # clone: a state dict of views would pickle the storage they view
             torch.save({k: v.detach().cpu().clone() for k, v in linear.state_dict().items()}, root / name)
     hidden = encoder.config.hidden_size
-    files = sentence_transformers_files(hidden, max_seq_length(encoder.config, tokenizer), query_instruction)
+    files = sentence_transformers_files(
+        hidden, max_seq_length(encoder.config, tokenizer), query_instruction, pooling
+    )
     files[META_FILE] = {
         "format": 1,
         "model_name": model_name,
         "heads": ["dense", "sparse", "colbert"] if heads is not None else ["dense"],
-        "pooling": "cls",
+        "pooling": pooling,
         "hidden_size": hidden,
         "colbert_dim": heads.colbert_linear.out_features if heads is not None else None,
         "query_instruction": query_instruction,
@@ -156,7 +164,7 @@ def _save_folder(
 
 
 def sentence_transformers_files(
-    hidden_size: int, max_seq_length: int, query_instruction: str
+    hidden_size: int, max_seq_length: int, query_instruction: str, pooling: Pooling = "cls"
 ) -> dict[str, Any]:
     """The sentence-transformers files of a CLS-pooled, normalised model: relative name -> JSON content.
 
@@ -171,8 +179,8 @@ def sentence_transformers_files(
         ],
         "1_Pooling/config.json": {
             "word_embedding_dimension": hidden_size,
-            "pooling_mode_cls_token": True,
-            "pooling_mode_mean_tokens": False,
+            "pooling_mode_cls_token": pooling == "cls",
+            "pooling_mode_mean_tokens": pooling == "mean",
             "pooling_mode_max_tokens": False,
             "pooling_mode_mean_sqrt_len_tokens": False,
         },

@@ -8,7 +8,19 @@ from types import ModuleType
 from chuxin_ray.config import STAGES
 
 # Stages whose module exists; the others are part of the recipe but not built yet.
-BUILT: tuple[str, ...] = ("ingest", "tokenize", "pretrain", "synthesize", "judge", "mine", "score")
+BUILT: tuple[str, ...] = (
+    "ingest",
+    "tokenize",
+    "pretrain",
+    "synthesize",
+    "judge",
+    "mine",
+    "score",
+    "finetune",
+    "unified",
+    "evaluate",
+    "export",
+)
 
 SUMMARY: dict[str, str] = {
     "ingest": "stream jsonl/parquet from object storage; clean, deduplicate, quarantine bad records",

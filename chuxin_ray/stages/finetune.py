@@ -51,7 +51,7 @@ from chuxin_ray.losses.contrastive import ContrastiveLoss
 from chuxin_ray.losses.infonce import InfoNCELoss, upcast
 from chuxin_ray.ray_cluster import connect
 from chuxin_ray.train import loop
-from chuxin_ray.train.checkpoint import local_copy, upload_dir
+from chuxin_ray.train.checkpoint import absolute, local_copy, upload_dir
 from chuxin_ray.train.grad_cache import grad_cache_backward
 from chuxin_ray.train.pair_batches import BLOCK_ROWS, PairBatch, PairDataset, PlanSpec, Tokenize, pair_batches
 
@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 STAGE = "finetune"
 SUBDIRS = ("model", "pairs", "quarantine")  # cleared on a failed earlier attempt; train/ is kept to resume
 INDEX = "pairs/index.json"
+LOCAL_PREPARE_BYTES = 64 * 2**20  # inputs up to this size are checked in the driver, larger ones in Ray tasks
 
 
 @dataclass
@@ -98,8 +99,8 @@ def setup(cfg: Config, force: bool = False, stage: str = STAGE) -> FinetunePlan:
         storage.delete_dir(out.child("train", run_name))  # --force: start over, not resume
     plan.src = storage.resolve(section.input or cfg.stage_output("score"), cfg.storage)
     plan.files = list_pair_files(plan.src, f"{stage}.input")
-    plan.model_source = section.model or cfg.trained_model(stage)
-    plan.tokenizer_source = tokenizer_source(cfg, section, plan.model_source, stage)
+    plan.model_source = absolute(section.model or cfg.trained_model(stage))
+    plan.tokenizer_source = absolute(tokenizer_source(cfg, section, plan.model_source, stage))
     check_model(plan, cfg.storage)
     return plan
 
@@ -119,8 +120,11 @@ def list_pair_files(src: storage.Location, key: str) -> list[PairFile]:
     if not paths:
         raise ConfigError(f"{key}: no FlagEmbedding jsonl files (.jsonl, .jsonl.gz, .jsonl.zst) at {src.uri}")
     scheme = src.uri.split("://", 1)[0] + "://" if "://" in src.uri else ""
+    sizes = {info.path: info.size for info in infos}
     return [
-        PairFile(src.fs, path, f"{scheme}{path}" if scheme else path, dataset_name(path, root), i)
+        PairFile(
+            src.fs, path, f"{scheme}{path}" if scheme else path, dataset_name(path, root), i, sizes[path]
+        )
         for i, path in enumerate(paths)
     ]
 
@@ -219,9 +223,11 @@ def prepare_pairs(plan: FinetunePlan) -> dict:
         if index.get("config_hash") == plan.config_hash:
             return index
     need_scores = plan.cfg.distill != "off"
-    results = ray.get(
-        [prepare_file.remote(f, plan.out, plan.cfg.group_size, need_scores) for f in plan.files]
-    )
+    if sum(f.size for f in plan.files) <= LOCAL_PREPARE_BYTES:  # a task's start costs more than the read
+        results = [prepare_file(f, plan.out, plan.cfg.group_size, need_scores) for f in plan.files]
+    else:
+        task = ray.remote(num_cpus=1)(prepare_file)
+        results = ray.get([task.remote(f, plan.out, plan.cfg.group_size, need_scores) for f in plan.files])
     datasets: dict[str, list[dict]] = {}
     counts: Counter = Counter()
     for result in results:  # in file order
@@ -450,7 +456,7 @@ def build_dense(config: dict, tokenizer) -> tuple[nn.Module, DenseStep]:
         group_size=section.group_size,
         grad_cache_chunk=section.grad_cache_chunk,
     )
-    return DenseEmbedder(encoder), step
+    return DenseEmbedder(encoder, section.pooling), step
 
 
 def export_dense(state: dict[str, torch.Tensor], model: nn.Module, tokenizer, config: dict) -> None:
@@ -459,7 +465,9 @@ def export_dense(state: dict[str, torch.Tensor], model: nn.Module, tokenizer, co
 
     from chuxin_ray.models.m3_folder import DenseEmbedder, save_dense_folder
 
-    model = DenseEmbedder(AutoModel.from_config(model.encoder.config, add_pooling_layer=False))  # on the CPU
+    model = DenseEmbedder(
+        AutoModel.from_config(model.encoder.config, add_pooling_layer=False), model.pooling
+    )  # on the CPU
     model.load_state_dict(state)
     section: FinetuneConfig = config["section"]
     with tempfile.TemporaryDirectory() as directory:

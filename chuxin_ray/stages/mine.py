@@ -31,9 +31,10 @@ import ray
 import torch
 
 from chuxin_ray import storage
-from chuxin_ray.config import Config, EncoderRuntime, MineConfig, StorageConfig
+from chuxin_ray.config import Config, ConfigError, EncoderRuntime, MineConfig, StorageConfig
 from chuxin_ray.data.row_ranges import InputFile, RowRange, plan_ranges, read_range, stage_inputs
-from chuxin_ray.llm.model_files import inference_device, inference_dtype, local_model_dir
+from chuxin_ray.llm.model_files import inference_device
+from chuxin_ray.models.encoder import Encoder
 from chuxin_ray.ray_cluster import connect
 from chuxin_ray.retrieval.topk import search_exact
 
@@ -56,6 +57,7 @@ class MinePlan:
     upstream: dict
     config_hash: str
     manifest: dict | None
+    encoder: str = ""
 
 
 def setup(cfg: Config, force: bool = False) -> MinePlan:
@@ -70,7 +72,24 @@ def setup(cfg: Config, force: bool = False) -> MinePlan:
     query_files = stage_inputs(queries, f"{STAGE}.input")
     corpus_files = stage_inputs(corpus, f"{STAGE}.corpus")
     upstream = (storage.read_manifest(queries) or {}).get("counts", {}).get("funnel", {})
-    return MinePlan(section, queries, corpus, out, query_files, corpus_files, upstream, config_hash, None)
+    encoder = section.encoder or default_encoder(cfg)
+    return MinePlan(
+        section, queries, corpus, out, query_files, corpus_files, upstream, config_hash, None, encoder
+    )
+
+
+def default_encoder(cfg: Config) -> str:
+    """The finetune stage's model when its output is complete (a second mining round with the finetuned
+    encoder, as the recipe's refinement data was mined), else the pretrain stage's encoder."""
+    if cfg.finetune is not None:
+        finetuned = storage.resolve(cfg.stage_output("finetune"), cfg.storage)
+        if storage.read_manifest(finetuned) is not None:
+            return finetuned.child("model").uri
+    if cfg.pretrain is not None:
+        return storage.resolve(cfg.stage_output("pretrain"), cfg.storage).child("encoder_model").uri
+    raise ConfigError(
+        f"{STAGE}.encoder: not set, and the config has no finetune or pretrain stage to take it from"
+    )
 
 
 def run(plan: MinePlan, cfg: Config) -> dict:
@@ -106,7 +125,7 @@ def run(plan: MinePlan, cfg: Config) -> dict:
         STAGE,
         plan.config_hash,
         cfg.redacted()[STAGE],
-        inputs=[plan.queries.uri, plan.corpus.uri],
+        inputs=[plan.queries.uri, plan.corpus.uri, plan.encoder],
         counts=counts,
         files=files,
         started=started,
@@ -151,7 +170,7 @@ def embed_all(
         num_cpus=rt.num_cpus,
         num_gpus=rt.num_gpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(actors, len(jobs))),
-        fn_constructor_kwargs={"model": section.encoder, "storage_cfg": cfg.storage, "runtime": rt},
+        fn_constructor_kwargs={"model": plan.encoder, "storage_cfg": cfg.storage, "runtime": rt},
         fn_kwargs={
             "out": plan.out,
             "ranges": {CORPUS: (plan.corpus.fs, corpus_ranges), QUERIES: (plan.queries.fs, query_ranges)},
@@ -161,43 +180,15 @@ def embed_all(
     return {(row["kind"], row["shard"]): row["path"] for row in summary}
 
 
-class Encoder:
-    """An HF encoder: CLS vector of the last layer, L2-normalised (bge / bge-m3 dense). Texts are
-    sorted by length so a batch pads to its own longest text."""
-
-    def __init__(self, model: str, storage_cfg: StorageConfig | None, runtime: EncoderRuntime):
-        from transformers import AutoModel, AutoTokenizer
-
-        path = local_model_dir(model, storage_cfg)
-        self.device = inference_device(runtime.num_gpus)
-        self.dtype = inference_dtype(runtime.precision, self.device)
-        self.tok = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
-        self.batch_size = runtime.batch_size
-
-    @torch.inference_mode()
-    def embed(self, texts: list[str], max_length: int) -> np.ndarray:
-        """(N, H) float32, rows of unit length."""
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
-        for start in range(0, len(texts), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            enc = self.tok(
-                [texts[i] for i in idx],
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            ).to(self.device)
-            cls = self.model(**enc, return_dict=True).last_hidden_state[:, 0]  # (b, H)
-            out[idx] = torch.nn.functional.normalize(cls.float(), dim=-1).cpu().numpy()
-        return out
-
-
 class EmbedShards:
     def __init__(self, model: str, storage_cfg: StorageConfig, runtime: EncoderRuntime):
         torch.set_num_threads(max(1, round(runtime.num_cpus)))
         self.encoder = Encoder(model, storage_cfg, runtime)
+        self.batch_size = runtime.batch_size
+
+    def embed(self, texts: list[str], max_length: int) -> np.ndarray:
+        """(N, H) float32, rows of unit length (CLS pooling, or the folder's own)."""
+        return self.encoder.encode(texts, max_length, self.batch_size).dense
 
     def __call__(self, batch: pa.Table, out: storage.Location, ranges: dict, section: MineConfig) -> pa.Table:
         summary = {"kind": [], "shard": [], "path": []}
@@ -208,7 +199,7 @@ class EmbedShards:
             r = kind_ranges[shard]
             if kind == CORPUS:
                 table = read_range(fs, r, ["id", "text"])
-                emb = self.encoder.embed(table.column("text").to_pylist(), section.passage_max_length)
+                emb = self.embed(table.column("text").to_pylist(), section.passage_max_length)
                 table = pa.table(
                     {
                         "row": pa.array(np.arange(r.offset + r.start, r.offset + r.stop), pa.int64()),
@@ -219,7 +210,7 @@ class EmbedShards:
             else:
                 table = read_range(fs, r, QUERY_COLUMNS)
                 texts = [section.query_instruction + q for q in table.column("query").to_pylist()]
-                emb = self.encoder.embed(texts, section.query_max_length)
+                emb = self.embed(texts, section.query_max_length)
             table = table.append_column("embedding", embedding_array(emb))
             rel = f"embeddings/{kind}/{r.name}.parquet"
             sink = pa.BufferOutputStream()

@@ -40,7 +40,7 @@ from chuxin_ray.models.masking import mask_retromae_batch
 from chuxin_ray.models.retromae import RetroMAE
 from chuxin_ray.ray_cluster import connect
 from chuxin_ray.train import loop
-from chuxin_ray.train.checkpoint import local_copy, upload_dir
+from chuxin_ray.train.checkpoint import absolute, local_copy, upload_dir
 from chuxin_ray.train.data import KEY_COLUMNS, ROW_COLUMNS, TokenBatch, length_bucketed_batches, token_shards
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def run(plan: PretrainPlan, cfg: Config) -> dict:
     columns = [*ROW_COLUMNS, *(KEY_COLUMNS if training.record_rows else ())]
     ds = ray.data.read_parquet(shards, filesystem=plan.src.fs).select_columns(columns)
     worker_config = {
-        "section": section,
+        "section": section.model_copy(update={"model": absolute(section.model)}),  # workers chdir
         "tokenizer": plan.info,
         "storage": cfg.storage,
         "out": plan.out,

@@ -87,7 +87,7 @@ def setup(cfg: Config, force: bool = False) -> SynthesizePlan:
         endpoint(section.llm, cfg, STAGE)
     else:
         vllm_processor_config(section.llm, cfg, STAGE)
-    files = stage_inputs(src, f"{STAGE}.input")
+    files = first_rows(stage_inputs(src, f"{STAGE}.input"), section.max_passages)
     ranges = plan_ranges(files, section.shard_rows)
     identity = generation_identity(section, cfg, files)
     previous = storage.read_json(out.child(PLAN)) if storage.exists(out.child(PLAN)) else None
@@ -104,6 +104,20 @@ def setup(cfg: Config, force: bool = False) -> SynthesizePlan:
             "%s: %d of %d shards already finished; generating the rest", STAGE, len(finished), len(ranges)
         )
     return SynthesizePlan(section, src, out, files, ranges, pending, config_hash, None, finished)
+
+
+def first_rows(files: list[InputFile], limit: int | None) -> list[InputFile]:
+    """The files cut to their first `limit` rows in order (the ingest output is in hash order, so the
+    first rows are a uniform sample)."""
+    if limit is None:
+        return files
+    kept, left = [], limit
+    for f in files:
+        if left <= 0:
+            break
+        kept.append(InputFile(f.path, min(f.rows, left)))
+        left -= f.rows
+    return kept
 
 
 def generation_identity(section: SynthesizeConfig, cfg: Config, files: list[InputFile]) -> str:

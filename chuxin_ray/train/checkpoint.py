@@ -122,6 +122,14 @@ def upload_dir(local: str | Path, dest: storage.Location) -> list[str]:
     return sorted(str(p.relative_to(local)) for p in Path(local).rglob("*") if p.is_file())
 
 
+def absolute(source: str) -> str:
+    """A relative local path made absolute, so that Ray Train workers (which run in their own working
+    directory) find it; URIs and hub ids unchanged."""
+    if "://" in source or not os.path.exists(source):
+        return source
+    return os.path.abspath(source)
+
+
 def local_copy(uri: str, storage_cfg: StorageConfig | None = None) -> str:
     """A local folder holding `uri`: object-store folders are downloaded to a temporary folder; local
     paths and hub ids are returned unchanged (transformers resolves them)."""

@@ -55,34 +55,66 @@ def test_config_errors_fail_before_any_ray_work(override, message):
     assert time.time() - started < 30
 
 
-def test_missing_section_and_unbuilt_stage(tmp_path):
+def test_missing_section(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("run: {name: x, output: /tmp/x}\n")
-    out = run_cli("ingest", str(cfg), RAY_ADDRESS="127.0.0.1:1")
-    assert out.returncode == 2 and "config has no `ingest` section" in out.stderr
-    out = run_cli("finetune", str(cfg), RAY_ADDRESS="127.0.0.1:1")
-    assert out.returncode == 2 and "stage `finetune` is part of the recipe but not built yet" in out.stderr
+    for stage in ("ingest", "finetune"):
+        out = run_cli(stage, str(cfg), RAY_ADDRESS="127.0.0.1:1")
+        assert out.returncode == 2 and f"config has no `{stage}` section" in out.stderr
 
 
 @pytest.mark.integration
-def test_tiny_pipeline_from_the_readme_then_rerun_skips(tmp_path):
-    """What `make demo` runs: demo data, then `chuxin-ray pipeline jobs/tiny.yaml`, on its own Ray."""
+def test_tiny_pipeline_killed_mid_stage_then_rerun_then_skipped(tmp_path):
+    """What `make demo` runs: demo data, then `chuxin-ray pipeline jobs/tiny.yaml`, on its own Ray, from
+    the demo folder as the README's command does. Killed (SIGKILL, the whole process group) once the
+    finetune stage has a checkpoint; the rerun skips every complete stage and resumes finetune from its
+    checkpoint; a third run skips everything and starts no Ray."""
+    import signal
+
     assert run_cli("demo-data", str(tmp_path / "demo")).returncode == 0
-    args = [
-        f"ingest.inputs.{i}.uri={tmp_path}/demo/raw/{name}"
-        for i, name in enumerate(["news.jsonl.gz", "reviews.jsonl", "reviews_more.parquet"])
-    ]
-    args += [f"tokenize.tokenizer={tmp_path}/demo/tokenizer", f"run.output={tmp_path}/runs"]
-    first = run_cli("pipeline", "jobs/tiny.yaml", *args, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    ingest = json.loads((tmp_path / "runs/ingest/_manifest.json").read_text())
-    tokens = json.loads((tmp_path / "runs/tokenize/_manifest.json").read_text())
-    pretrain = json.loads((tmp_path / "runs/pretrain/_manifest.json").read_text())
-    assert ingest["counts"]["kept"] > 4000
-    assert tokens["counts"]["texts"] == ingest["counts"]["kept"]
-    assert pretrain["status"] == "complete"
-    assert (tmp_path / "runs/pretrain/encoder_model/config.json").exists()
-    second = run_cli("pipeline", "jobs/tiny.yaml", *args, timeout=600)
-    assert second.returncode == 0
-    assert second.stderr.count("nothing to do") == 3
-    assert "connected to" not in second.stderr  # complete stages never start Ray
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    command = [*CLI, "pipeline", str(ROOT / "jobs" / "tiny.yaml")]
+    first = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoints = tmp_path / "runs/tiny/finetune/train/tiny"
+    deadline = time.time() + 900
+    while not any(checkpoints.glob("checkpoint-*")) and first.poll() is None and time.time() < deadline:
+        time.sleep(1)
+    assert first.poll() is None, first.stderr.read()[-3000:]
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    before = {
+        s: json.loads(p.read_text())
+        for s in STAGES
+        if (p := tmp_path / f"runs/tiny/{s}/_manifest.json").exists()
+    }
+    assert set(before) == {"ingest", "tokenize", "pretrain", "synthesize", "judge", "mine", "score"}
+
+    second = run_cli("pipeline", str(ROOT / "jobs" / "tiny.yaml"), cwd=tmp_path, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    after = {s: json.loads((tmp_path / f"runs/tiny/{s}/_manifest.json").read_text()) for s in STAGES}
+    for stage, manifest in before.items():  # not redone
+        assert after[stage]["finished_at"] == manifest["finished_at"], stage
+    assert second.stderr.count("nothing to do") == len(before)
+    assert after["finetune"]["counts"]["sessions"] == 2  # resumed from the killed run's checkpoint
+    ingest, tokens = after["ingest"]["counts"], after["tokenize"]["counts"]
+    assert ingest["kept"] > 4000 and tokens["texts"] == ingest["kept"]
+    assert after["score"]["counts"]["funnel"]["queries_out"] > 0
+    assert (tmp_path / "runs/tiny/export/colbert_linear.pt").exists()
+    main = after["evaluate"]["counts"]["main"]["demo"]
+    assert set(main["model"]) == {"dense", "sparse", "colbert", "hybrid"} and set(main["baseline"]) == {
+        "dense"
+    }
+    assert (tmp_path / "runs/tiny/report/report.html").exists()
+
+    third = run_cli("pipeline", str(ROOT / "jobs" / "tiny.yaml"), cwd=tmp_path, timeout=600)
+    assert third.returncode == 0
+    assert third.stderr.count("nothing to do") == len(STAGES)
+    assert "connected to" not in third.stderr  # complete stages never start Ray
