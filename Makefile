@@ -25,7 +25,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=30
 
 bench: install
 	$(BIN)/python bench/ingest.py

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from chuxin_ray.config import STAGES
+from tests.integration.test_report import check_report, check_report_from_object_storage
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "chuxin_ray.cli"]
@@ -64,7 +65,7 @@ def test_missing_section(tmp_path):
 
 
 @pytest.mark.integration
-def test_tiny_pipeline_killed_mid_stage_then_rerun_then_skipped(tmp_path):
+def test_tiny_pipeline_killed_mid_stage_then_rerun_then_skipped(tmp_path, s3_server, monkeypatch):
     """What `make demo` runs: demo data, then `chuxin-ray pipeline jobs/tiny.yaml`, on its own Ray, from
     the demo folder as the README's command does. Killed (SIGKILL, the whole process group) once the
     finetune stage has a checkpoint; the rerun skips every complete stage and resumes finetune from its
@@ -112,7 +113,8 @@ def test_tiny_pipeline_killed_mid_stage_then_rerun_then_skipped(tmp_path):
     assert set(main["model"]) == {"dense", "sparse", "colbert", "hybrid"} and set(main["baseline"]) == {
         "dense"
     }
-    assert (tmp_path / "runs/tiny/report/report.html").exists()
+    check_report(tmp_path / "runs/tiny")  # the report's numbers against the manifests
+    check_report_from_object_storage(tmp_path / "runs/tiny", s3_server, monkeypatch)
 
     third = run_cli("pipeline", str(ROOT / "jobs" / "tiny.yaml"), cwd=tmp_path, timeout=600)
     assert third.returncode == 0

@@ -1,14 +1,14 @@
-"""The finetune and unified stages end to end on the local Ray and the local S3 server:
+"""The finetune stage end to end on the local Ray and the local S3 server:
 
 pairs in s3:// (two datasets, bad rows mixed in) -> finetune on 2 Ray Train workers, one killed at
 step 15 and the group restarted from the step-10 checkpoint -> the loss falls, nDCG@10 on the
-training queries beats the untrained model, the export loads in FlagModel and SentenceTransformer
--> unified from that model with teacher scores -> the BGE-M3 folder loads in BGEM3FlagModel.
+training queries beats the untrained model, the export loads in FlagModel and SentenceTransformer.
+
+The unified stage runs in the tiny pipeline's test (test_cli.py), whose export stage checks the BGE-M3
+folder against FlagEmbedding's BGEM3FlagModel (dense, sparse and ColBERT outputs).
 """
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -17,7 +17,7 @@ import torch
 from chuxin_ray import demo, storage
 from chuxin_ray.config import validate_config
 from chuxin_ray.models.m3_folder import ModelFolderError, load_m3_folder
-from chuxin_ray.stages import finetune, unified
+from chuxin_ray.stages import finetune
 from tests.pairs_data import BAD_REASONS, ndcg_at_10, tokenizer_dir, write_pairs
 
 pytestmark = pytest.mark.integration
@@ -129,39 +129,3 @@ def test_finetune_two_workers_from_s3_with_a_killed_worker(setup_data, s3_server
 
     again = finetune.main(cfg)  # complete: nothing to do
     assert again["finished_at"] == manifest["finished_at"]
-
-
-def test_unified_from_the_finetuned_model_loads_in_bgem3(setup_data, s3_server, ray_local):
-    from FlagEmbedding import BGEM3FlagModel
-
-    from chuxin_ray.models.encoder import Encoder
-
-    start = setup_data["root"] / "run" / "finetune" / "model"
-    if not start.exists():
-        pytest.skip("needs the finetune test's model")
-    cfg = config(
-        setup_data,
-        s3_server,
-        "unified",
-        model=str(start),
-        distill="m3_kd",
-        training={"steps": 12, "checkpoint_every": 12},
-    )
-    manifest = unified.main(cfg)
-    assert manifest["counts"]["steps"] == 12
-    out = storage.resolve(cfg.stage_output("unified"))
-    history = finetune.read_metrics(out)
-    assert {"dense", "sparse", "colbert", "ensemble", "self_distill_dense"} <= set(history[-1])
-    folder = out.child("model").path
-    meta = json.loads((start.parent.parent / "unified" / "model" / "chuxin_ray.json").read_text())
-    assert meta["heads"] == ["dense", "sparse", "colbert"] and meta["provenance"]["base_model"] == str(start)
-
-    texts = [r["pos"][0] for r in setup_data["sets"]["news"][:5]]
-    ours = Encoder(folder).encode(texts, max_length=96, want=("dense", "sparse", "colbert"))
-    m3 = BGEM3FlagModel(folder, use_fp16=False, devices="cpu")
-    theirs = m3.encode(texts, max_length=96, return_dense=True, return_sparse=True, return_colbert_vecs=True)
-    np.testing.assert_allclose(theirs["dense_vecs"], ours.dense, atol=1e-5)
-    for a, b in zip(theirs["colbert_vecs"], ours.colbert, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
-    for a, b in zip(theirs["lexical_weights"], ours.sparse, strict=True):
-        assert {int(k): round(float(v), 4) for k, v in a.items()} == {k: round(v, 4) for k, v in b.items()}
