@@ -69,3 +69,14 @@ def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def encoder_actors(runtime, jobs: int) -> int:
+    """Ray Data actors for an encoder: runtime.actors, else one per GPU's worth of num_gpus (one on CPU),
+    never more than there are jobs."""
+    import ray
+
+    actors = runtime.actors or (
+        max(1, int(ray.cluster_resources().get("GPU", 0) // runtime.num_gpus)) if runtime.num_gpus else 1
+    )
+    return max(1, min(actors, jobs))

@@ -46,7 +46,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from chuxin_ray import storage
 from chuxin_ray.config import Config, ConfigError, EncoderRuntime, EvaluateConfig, StorageConfig
-from chuxin_ray.llm.model_files import is_remote
+from chuxin_ray.llm.model_files import encoder_actors, is_remote
 from chuxin_ray.models.encoder import EncodedTexts, Encoder
 from chuxin_ray.models.m3 import colbert_scores, dense_scores, sparse_scores
 from chuxin_ray.models.m3_folder import HEAD_FILES, ModelFolderError, local_folder
@@ -295,16 +295,13 @@ def search_all(
         for i, s in enumerate(plan.sets)
         for start in range(0, len(s.passages), size)
     ]
-    actors = rt.actors or (
-        max(1, int(ray.cluster_resources().get("GPU", 0) // rt.num_gpus)) if rt.num_gpus else 1
-    )
     shards = ray.data.from_items(jobs, override_num_blocks=len(jobs)).map_batches(
         SearchShards,
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=rt.num_cpus,
         num_gpus=rt.num_gpus,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(actors, len(jobs))),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=encoder_actors(rt, len(jobs))),
         fn_constructor_kwargs={"model": uri, "storage_cfg": cfg.storage, "runtime": rt},
         fn_kwargs={"sets": [(s.instruction, s.queries) for s in plan.sets], "section": section},
     )

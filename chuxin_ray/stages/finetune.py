@@ -28,7 +28,6 @@ resume needs random access to a position, neither of which a split stream gives.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import posixpath
 import tempfile
@@ -310,7 +309,7 @@ def run(plan: FinetunePlan, cfg: Config) -> dict:
         log.info("%s: stopped after step %d (stop_after_steps); rerun to resume", stage, summary["step"])
         return {"status": "stopped", **summary}
 
-    history = read_metrics(plan.out)
+    history = loop.read_metrics(plan.out)
     model_files = sorted(
         posixpath.relpath(f.path, plan.out.child("model").path)
         for f in storage.list_files(plan.out.child("model"))
@@ -328,7 +327,7 @@ def run(plan: FinetunePlan, cfg: Config) -> dict:
             "samples": sum(r["samples"] for r in history),
             "tokens": sum(r["tokens"] for r in history),
             "first_loss": history[0]["loss"] if history else None,
-            "final_loss": _tail_mean(history, "loss"),
+            "final_loss": loop.tail_mean(history, "loss"),
         },
         files={
             "model": [f"model/{name}" for name in model_files],
@@ -352,18 +351,6 @@ def run(plan: FinetunePlan, cfg: Config) -> dict:
 
 def main(cfg: Config, force: bool = False) -> dict:
     return run(setup(cfg, force, STAGE), cfg)
-
-
-def read_metrics(out: storage.Location) -> list[dict]:
-    loc = out.child("metrics.jsonl")
-    if not storage.exists(loc):
-        return []
-    return [json.loads(line) for line in storage.read_bytes(loc).decode("utf-8").splitlines() if line.strip()]
-
-
-def _tail_mean(history: list[dict], key: str, n: int = 10) -> float | None:
-    values = [r[key] for r in history[-n:] if r.get(key) is not None]
-    return sum(values) / len(values) if values else None
 
 
 # --------------------------------------------------------------------------------------------------

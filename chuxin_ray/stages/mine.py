@@ -33,7 +33,7 @@ import torch
 from chuxin_ray import storage
 from chuxin_ray.config import Config, ConfigError, EncoderRuntime, MineConfig, StorageConfig
 from chuxin_ray.data.row_ranges import InputFile, RowRange, plan_ranges, read_range, stage_inputs
-from chuxin_ray.llm.model_files import inference_device
+from chuxin_ray.llm.model_files import encoder_actors, inference_device
 from chuxin_ray.models.encoder import Encoder
 from chuxin_ray.ray_cluster import connect
 from chuxin_ray.retrieval.topk import search_exact
@@ -159,9 +159,6 @@ def embed_all(
     section, rt = plan.cfg, plan.cfg.runtime
     jobs = [{"kind": CORPUS, "shard": r.shard} for r in corpus_ranges]
     jobs += [{"kind": QUERIES, "shard": r.shard} for r in query_ranges]
-    actors = rt.actors or (
-        max(1, int(ray.cluster_resources().get("GPU", 0) // rt.num_gpus)) if rt.num_gpus else 1
-    )
     ds = ray.data.from_items(jobs, override_num_blocks=len(jobs))
     summary = ds.map_batches(
         EmbedShards,
@@ -169,7 +166,7 @@ def embed_all(
         batch_format="pyarrow",
         num_cpus=rt.num_cpus,
         num_gpus=rt.num_gpus,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(actors, len(jobs))),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=encoder_actors(rt, len(jobs))),
         fn_constructor_kwargs={"model": plan.encoder, "storage_cfg": cfg.storage, "runtime": rt},
         fn_kwargs={
             "out": plan.out,

@@ -214,16 +214,16 @@ def run(plan: PretrainPlan, cfg: Config) -> dict:
         return {"status": "stopped", **summary}
 
     encoder_files = _save_tokenizer(plan.tokenizer, plan.out.child("encoder_model"))
-    history = read_metrics(plan.out)
+    history = loop.read_metrics(plan.out)
     counts = {
         "steps": summary.get("step"),
         "sessions": summary.get("session"),
         "samples": sum(r["samples"] for r in history),
         "tokens": sum(r["tokens"] for r in history),
         "epochs_started": 1 + max((r["epoch"] for r in history), default=0),
-        "final_loss": _tail_mean(history, "loss"),
-        "final_encoder_loss": _tail_mean(history, "encoder_loss"),
-        "final_decoder_loss": _tail_mean(history, "decoder_loss"),
+        "final_loss": loop.tail_mean(history, "loss"),
+        "final_encoder_loss": loop.tail_mean(history, "encoder_loss"),
+        "final_decoder_loss": loop.tail_mean(history, "decoder_loss"),
     }
     files = {
         "encoder_model": sorted(f"encoder_model/{name}" for name in encoder_files),
@@ -255,18 +255,6 @@ def run(plan: PretrainPlan, cfg: Config) -> dict:
 
 def main(cfg: Config, force: bool = False) -> dict:
     return run(setup(cfg, force), cfg)
-
-
-def read_metrics(out: storage.Location) -> list[dict]:
-    loc = out.child("metrics.jsonl")
-    if not storage.exists(loc):
-        return []
-    return [json.loads(line) for line in storage.read_bytes(loc).decode("utf-8").splitlines() if line.strip()]
-
-
-def _tail_mean(history: list[dict], key: str, n: int = 10) -> float | None:
-    values = [r[key] for r in history[-n:] if r.get(key) is not None]
-    return sum(values) / len(values) if values else None
 
 
 def _save_tokenizer(tok, dest: storage.Location) -> list[str]:

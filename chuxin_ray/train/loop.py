@@ -262,6 +262,20 @@ def _gather_rows(rows: list[str]) -> list[str]:
     return sorted(r for part in gathered for r in part or [])
 
 
+def read_metrics(out: storage.Location) -> list[dict]:
+    """A training stage's metrics.jsonl (one record per optimizer step); [] when it has none yet."""
+    loc = out.child("metrics.jsonl")
+    if not storage.exists(loc):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(loc).decode("utf-8").splitlines() if line.strip()]
+
+
+def tail_mean(history: list[dict], key: str, n: int = 10) -> float | None:
+    """The mean of `key` over the last n records that have it: a final loss less noisy than the last step's."""
+    values = [r[key] for r in history[-n:] if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
 def _upload_history(dest: storage.Location, history: list[dict]) -> None:
     storage.write_bytes(dest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in history).encode())
 

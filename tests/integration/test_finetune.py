@@ -18,6 +18,7 @@ from chuxin_ray import demo, storage
 from chuxin_ray.config import validate_config
 from chuxin_ray.models.m3_folder import ModelFolderError, load_m3_folder
 from chuxin_ray.stages import finetune
+from chuxin_ray.train import loop
 from tests.pairs_data import BAD_REASONS, ndcg_at_10, tokenizer_dir, write_pairs
 
 pytestmark = pytest.mark.integration
@@ -99,7 +100,7 @@ def test_finetune_two_workers_from_s3_with_a_killed_worker(setup_data, s3_server
     assert counts["pairs_read"] == kept + sum(BAD_REASONS.values())
     assert counts["datasets"] == 2 and counts["steps"] == STEPS and counts["sessions"] == 2
     out = storage.resolve(cfg.stage_output("finetune"))
-    history = finetune.read_metrics(out)
+    history = loop.read_metrics(out)
     assert [r["step"] for r in history] == list(range(1, STEPS + 1))
     assert {r["resumed_from"] for r in history} == {None, 10}  # the restarted group resumed at step 10
     losses = [r["loss"] for r in history]

@@ -22,6 +22,7 @@ import torch
 from chuxin_ray import demo, storage
 from chuxin_ray.config import ConfigError, validate_config
 from chuxin_ray.stages import pretrain
+from chuxin_ray.train import loop
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -112,7 +113,7 @@ def make_config(s3_server, bucket: str, output: str, **training):
 
 
 def read_metrics(cfg) -> list[dict]:
-    return pretrain.read_metrics(storage.resolve(cfg.stage_output("pretrain"), cfg.storage))
+    return loop.read_metrics(storage.resolve(cfg.stage_output("pretrain"), cfg.storage))
 
 
 def download(cfg, sub: str, dest: Path) -> Path:

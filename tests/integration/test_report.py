@@ -17,7 +17,7 @@ import pytest
 
 from chuxin_ray import cli, storage
 from chuxin_ray.report import write_report
-from chuxin_ray.stages import pretrain
+from chuxin_ray.train import loop
 
 
 def md_section(md: str, title: str) -> str:
@@ -76,7 +76,7 @@ def check_report(run_dir: Path) -> None:
     assert number(funnel["passages kept"]) == manifests["ingest"]["counts"]["kept"]
     assert number(funnel["training pairs kept by the reranker"]) == f["pairs_out"]
 
-    metrics = pretrain.read_metrics(storage.resolve(str(run_dir / "pretrain")))
+    metrics = loop.read_metrics(storage.resolve(str(run_dir / "pretrain")))
     losses = {r[0]: r for r in md_rows(md_section(md, "### pretrain"))}
     steps, first, last, low = (number(x) for x in losses["loss"][1:5])
     values = [m["loss"] for m in metrics]
