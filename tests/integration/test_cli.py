@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from chuxin_ray.config import STAGES
-from tests.integration.test_report import check_report, check_report_from_object_storage
+from tests.integration.report_checks import check_report, check_report_from_object_storage
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "chuxin_ray.cli"]

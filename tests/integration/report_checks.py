@@ -1,7 +1,9 @@
-"""`chuxin-ray report` checked against a real run: `check_report(run_dir)` is called by the tiny
-pipeline's test (tests/integration/test_cli.py) on the run it made, every stage of the recipe included,
-and reads the report's numbers back against the stages' manifests, metrics and outputs: the Markdown
-tables parsed back, the HTML with its charts inline and nothing fetched from anywhere.
+"""Checks of `chuxin-ray report` against a real run; a helper module, not a test file.
+
+`check_report(run_dir)` is called by the tiny pipeline's test (tests/integration/test_cli.py) on the run
+it made, every stage of the recipe included, and reads the report's numbers back against the stages'
+manifests, metrics and outputs: the Markdown tables parsed back, the HTML with its charts inline and
+nothing fetched from anywhere.
 """
 
 from __future__ import annotations
