@@ -12,6 +12,7 @@ so the training stages after it get the CPUs or GPUs back.
 from __future__ import annotations
 
 import logging
+import os
 import urllib.error
 import urllib.request
 
@@ -64,10 +65,14 @@ def run_pipeline(cfg: Config, start: str | None = None, only: str | None = None,
 
 
 def uses_serve_endpoint(cfg: Config, stage: str) -> bool:
-    """Whether `stage` calls the `serve` section's endpoint over HTTP."""
+    """Whether `stage` calls the `serve` section's endpoint over HTTP (no base_url, no CHUXIN_LLM_URL)."""
+    from chuxin_ray.llm.calls import LLM_URL_ENV
+
     section = getattr(cfg, stage, None)
     llm = getattr(section, "llm", None)
-    return cfg.serve is not None and llm is not None and llm.engine == "http" and llm.base_url is None
+    if cfg.serve is None or llm is None or llm.engine != "http":
+        return False
+    return llm.base_url is None and not os.environ.get(LLM_URL_ENV)
 
 
 def is_complete(cfg: Config, stage: str) -> bool:

@@ -35,10 +35,15 @@ RESULT_SCHEMA = pa.schema(
 )
 
 
+# Set by the Helm chart on every pod when it deploys the LLM RayService: its OpenAI base URL.
+LLM_URL_ENV = "CHUXIN_LLM_URL"
+
+
 def endpoint(llm: LLMCallConfig, cfg: Config, where: str) -> tuple[str, str]:
-    """(base URL, model name) for the http engine; ConfigError when neither the section nor a `serve`
-    section says where the LLM is."""
-    base_url = llm.base_url or (cfg.serve.url if cfg.serve else None)
+    """(base URL, model name) for the http engine: the section's base_url, else CHUXIN_LLM_URL (the Helm
+    chart's RayService, set on every pod), else the `serve` section's URL; ConfigError when none says
+    where the LLM is."""
+    base_url = llm.base_url or os.environ.get(LLM_URL_ENV) or (cfg.serve.url if cfg.serve else None)
     model = llm.model or (cfg.serve.served_model if cfg.serve else None)
     if base_url is None or model is None:
         raise ConfigError(
