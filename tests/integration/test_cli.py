@@ -65,6 +65,7 @@ def test_missing_section(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(1800)  # three pipeline runs; ~10 minutes on an idle 2-core machine
 def test_tiny_pipeline_killed_mid_stage_then_rerun_then_skipped(tmp_path, s3_server, monkeypatch):
     """What `make demo` runs: demo data, then `chuxin-ray pipeline jobs/tiny.yaml`, on its own Ray, from
     the demo folder as the README's command does. Killed (SIGKILL, the whole process group) once the
