@@ -76,22 +76,18 @@ def test_tiny_pipeline_killed_mid_stage_then_rerun_then_skipped(tmp_path, s3_ser
     assert run_cli("demo-data", str(tmp_path / "demo")).returncode == 0
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     command = [*CLI, "pipeline", str(ROOT / "jobs" / "tiny.yaml")]
+    log = (tmp_path / "first-run.log").open("w")  # a file, not a pipe: nobody reads a pipe while it runs
     first = subprocess.Popen(
-        command,
-        cwd=tmp_path,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        command, cwd=tmp_path, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT
     )
     checkpoints = tmp_path / "runs/tiny/finetune/train/tiny"
     deadline = time.time() + 900
     while not any(checkpoints.glob("checkpoint-*")) and first.poll() is None and time.time() < deadline:
         time.sleep(1)
-    assert first.poll() is None, first.stderr.read()[-3000:]
+    assert first.poll() is None, (tmp_path / "first-run.log").read_text()[-3000:]
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
+    log.close()
     before = {
         s: json.loads(p.read_text())
         for s in STAGES
