@@ -47,6 +47,7 @@ CONFIG_DIR = "/etc/chuxin-ray"  # where every Ray pod mounts the ConfigMap (the 
 CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
 MANAGED_BY = "chuxin-ray-launch"  # app.kubernetes.io/managed-by; the chart's objects say Helm
 RAYJOB = ("ray.io", "v1", "rayjobs")
+RAYSERVICE = ("ray.io", "v1", "rayservices")
 MAX_RAYJOB_NAME = 47  # KubeRay: a RayCluster name of at most 53 characters minus its 6-character suffix
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -827,6 +828,25 @@ def _list(api, path: str, namespace: str, **query: str) -> list[dict]:
     return json.loads(resp.data).get("items") or []
 
 
+def rayservices(api, namespace: str, job: dict) -> list[dict]:
+    """The RayServices of the job's release (the chart's synthesis LLM), by its instance label; none when
+    the release has none, or when listing them is not allowed (status stays useful without them)."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    instance = ((job.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/instance")
+    if not instance:
+        return []
+    try:
+        found = client.CustomObjectsApi(api).list_namespaced_custom_object(
+            *RAYSERVICE[:2], namespace, RAYSERVICE[2], label_selector=f"app.kubernetes.io/instance={instance}"
+        )
+    except (ApiException, HTTPError):
+        return []
+    return found.get("items") or []
+
+
 # --------------------------------------------------------------------------------------------------
 # status
 # --------------------------------------------------------------------------------------------------
@@ -932,6 +952,17 @@ def status_report(api, namespace: str, job: dict, outputs: bool = True) -> str:
     ]
     if "failed" in st or "succeeded" in st:
         rows.append(("attempts", f"{st.get('succeeded', 0)} succeeded, {st.get('failed', 0)} failed"))
+    for service in rayservices(api, namespace, job):
+        sst = service.get("status") or {}
+        endpoints = sst.get("numServeEndpoints")
+        state = sst.get("serviceStatus") or "-"
+        rows.append(
+            (
+                "LLM RayService",
+                f"{service['metadata']['name']}: {state}"
+                + (f", {endpoints} serve endpoints" if endpoints is not None else ""),
+            )
+        )
     lines = [f"{k:<19} {v}" for k, v in rows]
     if cluster:
         pods = _list(api, "pods", namespace, label_selector=f"ray.io/cluster={cluster}")

@@ -63,6 +63,7 @@ RESOURCES = {  # plural -> (API prefix, kind, group for messages)
     "pods": ("/api/v1", "Pod", ""),
     "events": ("/api/v1", "Event", ""),
     "rayjobs": ("/apis/ray.io/v1", "RayJob", "ray.io"),
+    "rayservices": ("/apis/ray.io/v1", "RayService", "ray.io"),
 }
 
 
@@ -627,6 +628,16 @@ def test_status_shows_the_job_why_pods_wait_the_outputs_and_the_dashboard(kube, 
          "state": {"running": {}}, "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}},
     ]))  # fmt: skip
     kube.put("pods", _pod("someone-elses-pod", "Pending", {"app": "other"}))
+    instance = kube.get("rayjobs", "tiny")["metadata"]["labels"]["app.kubernetes.io/instance"]
+    kube.put("rayservices", {
+        "apiVersion": "ray.io/v1", "kind": "RayService",
+        "metadata": {"name": "tiny-llm", "labels": {"app.kubernetes.io/instance": instance}},
+        "status": {"serviceStatus": "Running", "numServeEndpoints": 1},
+    })  # fmt: skip
+    kube.put("rayservices", {
+        "apiVersion": "ray.io/v1", "kind": "RayService",
+        "metadata": {"name": "other-llm", "labels": {"app.kubernetes.io/instance": "other"}},
+    })  # fmt: skip
     kube.put("events", {
         "apiVersion": "v1", "kind": "Event", "type": "Warning", "reason": "FailedScheduling",
         "message": unschedulable, "metadata": {"name": "ev1"}, "lastTimestamp": "2026-11-27T01:01:00Z",
@@ -641,6 +652,8 @@ def test_status_shows_the_job_why_pods_wait_the_outputs_and_the_dashboard(kube, 
     assert "deployment status   Running" in lines
     assert f"ray cluster         {cluster}" in lines
     assert "started             2026-11-27T01:00:00Z" in lines
+    assert "LLM RayService      tiny-llm: Running, 1 serve endpoints" in lines
+    assert "other-llm" not in out
     assert "pods                4 (2 pending, 2 running)" in lines
     assert any(f"{cluster}-gpu-worker-m2x9d" in x and f"Unschedulable: {unschedulable}" in x for x in lines)
     assert any(
