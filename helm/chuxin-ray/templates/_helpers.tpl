@@ -204,11 +204,16 @@ s3://<objectStorage.bucket>/<objectStorage.prefix>/<run.name>.
 {{- end }}
 {{- end }}
 
-{{/* rayStartParams: KubeRay wants every value as a string. */}}
+{{/* rayStartParams: KubeRay wants every value as a string. YAML numbers arrive as float64, which
+toString writes in exponent form past 1e6 (2000000000 -> "2e+09"): whole numbers are printed as integers. */}}
 {{- define "chuxin-ray.rayStartParams" -}}
 {{- $params := dict }}
 {{- range $k, $v := . }}
-{{- $_ := set $params $k (toString $v) }}
+{{- $s := toString $v }}
+{{- if and (kindIs "float64" $v) (eq (float64 (int64 $v)) $v) }}
+{{- $s = printf "%d" (int64 $v) }}
+{{- end }}
+{{- $_ := set $params $k $s }}
 {{- end }}
 {{- toYaml $params }}
 {{- end }}
