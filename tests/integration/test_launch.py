@@ -400,8 +400,8 @@ GPU_VALUES = {
     "podLabels": {"team": "search"},
     "podAnnotations": {"owner": "search"},
     "ray": {
-        # A quoted number: the chart's toString turns an unquoted 2000000000 (a float64 to Helm) into "2e+09".
-        "head": {"rayStartParams": {"num-cpus": 0, "object-store-memory": "2000000000"}},
+        # Unquoted: to Helm a float64, which the chart must still render "2000000000", not "2e+09".
+        "head": {"rayStartParams": {"num-cpus": 0, "object-store-memory": 2000000000}},
         "cpuWorkers": {"replicas": 2, "maxReplicas": 16},
         "gpuWorkers": {
             "gpus": 8,
