@@ -80,9 +80,10 @@ def test_tiny_pipeline_killed_mid_stage_then_rerun_then_skipped(tmp_path, s3_ser
     first = subprocess.Popen(
         command, cwd=tmp_path, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT
     )
-    checkpoints = tmp_path / "runs/tiny/finetune/train/tiny"
+    # Ray Train records a checkpoint in this snapshot once it is whole; the folder appears before that
+    recorded = tmp_path / "runs/tiny/finetune/train/tiny/checkpoint_manager_snapshot.json"
     deadline = time.time() + 900
-    while not any(checkpoints.glob("checkpoint-*")) and first.poll() is None and time.time() < deadline:
+    while not recorded.exists() and first.poll() is None and time.time() < deadline:
         time.sleep(1)
     assert first.poll() is None, (tmp_path / "first-run.log").read_text()[-3000:]
     os.killpg(first.pid, signal.SIGKILL)

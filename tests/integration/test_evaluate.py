@@ -225,8 +225,17 @@ def test_wrong_folders_and_sets_fail_before_ray_work(data, tmp_path):
     root, eval_set = data
     with pytest.raises(ConfigError, match=r"evaluate\.model: no model folder at .*missing"):
         evaluate.setup(make_config(tmp_path, "a", eval_set, root / "missing"))
-    with pytest.raises(ConfigError, match=r"evaluate\.baseline: .*plain is a dense-only folder .*'sparse'"):
-        evaluate.setup(make_config(tmp_path, "b", eval_set, root / "m3", baseline=str(root / "plain")))
+    with pytest.raises(ConfigError, match=r"evaluate\.model: .*plain is a dense-only folder .*'sparse'"):
+        evaluate.setup(make_config(tmp_path, "b", eval_set, root / "plain"))
+    # a dense-only starting model beside an M3 model: compared on the dense scores it has
+    plan = evaluate.setup(make_config(tmp_path, "b2", eval_set, root / "m3", baseline=str(root / "plain")))
+    assert plan.methods == {"model": METHODS, "baseline": ["dense"]}
+    with pytest.raises(ConfigError, match=r"evaluate\.baseline: .*plain is dense-only; add dense"):
+        evaluate.setup(
+            make_config(
+                tmp_path, "b3", eval_set, root / "m3", baseline=str(root / "plain"), methods=["sparse"]
+            )
+        )
     no_qrels = tmp_path / "no-qrels"
     shutil.copytree(eval_set, no_qrels)
     shutil.rmtree(no_qrels / "qrels")

@@ -108,7 +108,7 @@ def test_encoder_equals_flagembedding_flagmodel(data):
 
     _, encoder, _, _ = data
     texts = demo.people_daily()[:25]
-    ours = mine.Encoder(str(encoder), None, EncoderRuntime(batch_size=4)).embed(texts, max_length=48)
+    ours = mine.EmbedShards(str(encoder), None, EncoderRuntime(batch_size=4)).embed(texts, max_length=48)
     flag = FlagModel(
         str(encoder), pooling_method="cls", normalize_embeddings=True, use_fp16=False, devices="cpu"
     )
