@@ -159,7 +159,7 @@ def test_endpoint_comes_from_the_stage_or_the_serve_section():
             {"mine": {"encoder": "e", "range_start": 50, "range_end": 10}},
             "range_start (50) must be < range_end",
         ),
-        ({"mine": {}}, "mine.encoder: required key is missing"),
+        ({"mine": {"encoder": 3}}, "mine.encoder: Input should be a valid string"),
         ({"score": {"reranker": "r", "mode": "percent"}}, "score.mode"),
     ],
 )
