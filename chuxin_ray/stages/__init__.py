@@ -7,20 +7,8 @@ from types import ModuleType
 
 from chuxin_ray.config import STAGES
 
-# Stages whose module exists; the others are part of the recipe but not built yet.
-BUILT: tuple[str, ...] = (
-    "ingest",
-    "tokenize",
-    "pretrain",
-    "synthesize",
-    "judge",
-    "mine",
-    "score",
-    "finetune",
-    "unified",
-    "evaluate",
-    "export",
-)
+# Stages whose module exists: every stage of the recipe now (a new stage joins STAGES when built).
+BUILT: tuple[str, ...] = STAGES
 
 SUMMARY: dict[str, str] = {
     "ingest": "stream jsonl/parquet from object storage; clean, deduplicate, quarantine bad records",
