@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chuxin_ray.models.m3 import M3Embedder, M3Heads, special_token_ids
+from chuxin_ray.models.tiny import token_positions
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +203,7 @@ def sentence_transformers_config(query_instruction: str) -> dict[str, Any]:
 def max_seq_length(config: Any, tokenizer: Any) -> int:
     """Tokens the encoder embeds: its position table (XLM-R/RoBERTa number positions from pad_token_id + 1,
     so bge-m3's 8194 rows serve 8192 tokens), capped by the tokenizer's model_max_length."""
-    offset = config.pad_token_id + 1 if config.model_type in ("xlm-roberta", "roberta") else 0
-    positions = config.max_position_embeddings - offset
+    positions = token_positions(config)
     return min(positions, int(getattr(tokenizer, "model_max_length", positions)))
 
 

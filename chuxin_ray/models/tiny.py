@@ -53,3 +53,10 @@ def build_tiny_masked_lm(config: PretrainedConfig, seed: int = 0) -> PreTrainedM
         torch.manual_seed(seed)
         model = AutoModelForMaskedLM.from_config(config)
     return model
+
+
+def token_positions(config: PretrainedConfig) -> int:
+    """Tokens an encoder can embed: XLM-R/RoBERTa number positions from pad_token_id + 1 (514 rows serve
+    512 tokens, bge-m3's 8194 serve 8192); BERT from 0."""
+    offset = config.pad_token_id + 1 if config.model_type in ("xlm-roberta", "roberta") else 0
+    return config.max_position_embeddings - offset

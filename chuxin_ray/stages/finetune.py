@@ -48,6 +48,7 @@ from chuxin_ray.data.pairs import PairFile, dataset_name, is_pair_file, read_pai
 from chuxin_ray.data.row_ranges import InputFile
 from chuxin_ray.losses.contrastive import ContrastiveLoss
 from chuxin_ray.losses.infonce import InfoNCELoss, upcast
+from chuxin_ray.models.tiny import token_positions
 from chuxin_ray.ray_cluster import connect
 from chuxin_ray.train import loop
 from chuxin_ray.train.checkpoint import absolute, local_copy, upload_dir
@@ -155,8 +156,7 @@ def check_model(plan: FinetunePlan, storage_cfg: StorageConfig) -> None:
             config = AutoConfig.from_pretrained(plan.model_source.removeprefix("file://"))
     except (OSError, ValueError, KeyError, storage.StorageError) as e:
         raise ConfigError(f"{stage}.model: cannot read the config of {plan.model_source!r}: {e}") from None
-    offset = config.pad_token_id + 1 if config.model_type in ("xlm-roberta", "roberta") else 0
-    positions = config.max_position_embeddings - offset
+    positions = token_positions(config)
     for key in ("query_max_length", "passage_max_length"):
         if getattr(section, key) > positions:
             raise ConfigError(

@@ -38,6 +38,7 @@ from chuxin_ray import storage
 from chuxin_ray.config import Config, ConfigError, PretrainConfig, StorageConfig
 from chuxin_ray.models.masking import mask_retromae_batch
 from chuxin_ray.models.retromae import RetroMAE
+from chuxin_ray.models.tiny import token_positions
 from chuxin_ray.ray_cluster import connect
 from chuxin_ray.train import loop
 from chuxin_ray.train.checkpoint import absolute, local_copy, upload_dir
@@ -122,9 +123,7 @@ def check_model(section: PretrainConfig, info: TokenizerInfo, storage_cfg: Stora
                 config = AutoConfig.from_pretrained(section.model.removeprefix("file://"))
         except (OSError, ValueError, KeyError, storage.StorageError) as e:
             raise ConfigError(f"pretrain.model: cannot read the config of {section.model!r}: {e}") from None
-    # XLM-R/RoBERTa number positions from pad_token_id + 1 (514 rows serve 512 tokens); BERT from 0.
-    offset = config.pad_token_id + 1 if config.model_type in ("xlm-roberta", "roberta") else 0
-    positions = config.max_position_embeddings - offset
+    positions = token_positions(config)
     if section.max_length > positions:
         raise ConfigError(
             f"pretrain.max_length={section.max_length}: {section.model!r} has {positions} positions"
