@@ -271,8 +271,9 @@ def _loss(
     return M3KDDistillLoss()(scores, teacher, query_offset=offset)
 
 
-def _rank_main(rank: int, port: int, results: dict) -> None:
+def _rank_main(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    results = {}
     try:
         queries, passages, teacher = _data()
         rows = slice(rank * QUERIES, (rank + 1) * QUERIES)
@@ -313,6 +314,7 @@ def _rank_main(rank: int, port: int, results: dict) -> None:
         (gathered * torch.arange(1.0, 5.0)[:, None]).sum().backward()
         if rank == 0:
             results["gather"] = (gathered.detach().clone(), x.grad.clone())
+            torch.save(results, out)
     finally:
         dist.destroy_process_group()
 
@@ -324,11 +326,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def two_rank_results() -> dict:
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_rank_main, args=(_free_port(), results), nprocs=WORLD, join=True)
-        return dict(results)
+def two_rank_results(tmp_path_factory) -> dict:
+    # Rank 0 saves its results to a file. No mp.Manager: it forks this process, which may hold a Ray
+    # driver's threads from an earlier test, and a fork of a threaded process is not safe.
+    out = tmp_path_factory.mktemp("two_ranks") / "results.pt"
+    mp.spawn(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return torch.load(out)
 
 
 def test_all_gather_with_grad_keeps_rank_order_and_sums_gradients(two_rank_results):
