@@ -23,9 +23,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    stage_lines = "\n".join(
-        f"  {s:<11} {stages.SUMMARY[s]}{'' if s in stages.BUILT else '  (not built yet)'}" for s in STAGES
-    )
+    stage_lines = "\n".join(f"  {s:<11} {stages.SUMMARY[s]}" for s in STAGES)
     parser = argparse.ArgumentParser(
         prog="chuxin-ray",
         description="The Chuxin-Embedding training recipe as a Ray application.",
@@ -100,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             run_pipeline(cfg, start=args.start, only=args.only, force=args.force)
         else:
             stages.load(args.command).main(cfg, force=args.force)
-    except (ConfigError, StorageError, OutputConflict, stages.StageNotBuilt) as e:
+    except (ConfigError, StorageError, OutputConflict) as e:
         print(f"chuxin-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -798,7 +798,7 @@ class PlanConfig(Section):
 # The whole config
 # --------------------------------------------------------------------------------------------------
 
-# The recipe's stages in pipeline order. A stage without a config section here is not built yet.
+# The recipe's stages in pipeline order; each has a config section below and a module in stages/
 STAGES: tuple[str, ...] = (
     "ingest",
     "tokenize",

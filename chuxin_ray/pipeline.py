@@ -35,7 +35,7 @@ def selected_stages(cfg: Config, start: str | None = None, only: str | None = No
     if start:
         configured = [s for s in configured if STAGES.index(s) >= STAGES.index(start)]
     if not configured:
-        raise ConfigError(f"the config has no stage sections; add one of: {', '.join(stages.BUILT)}")
+        raise ConfigError(f"the config has no stage sections; add one of: {', '.join(STAGES)}")
     return configured
 
 

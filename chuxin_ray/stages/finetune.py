@@ -48,7 +48,6 @@ from chuxin_ray.data.pairs import PairFile, dataset_name, is_pair_file, read_pai
 from chuxin_ray.data.row_ranges import InputFile
 from chuxin_ray.losses.contrastive import ContrastiveLoss
 from chuxin_ray.losses.infonce import InfoNCELoss, upcast
-from chuxin_ray.models.tiny import token_positions
 from chuxin_ray.ray_cluster import connect
 from chuxin_ray.train import loop
 from chuxin_ray.train.checkpoint import absolute, local_copy, upload_dir
@@ -140,32 +139,17 @@ def tokenizer_source(cfg: Config, section: FinetuneConfig, model: str, stage: st
 
 
 def check_model(plan: FinetunePlan, storage_cfg: StorageConfig) -> None:
-    """The model's config and the tokenizer, read on the driver: a wrong path or a short position table
+    """The tokenizer and the model's config, read on the driver: a wrong path or a short position table
     fails before any Ray work."""
-    from transformers import AutoConfig
+    from chuxin_ray.models.fit import check_fits, read_model_config
 
     section, stage = plan.cfg, plan.stage
     tokenizer = load_tokenizer(plan.tokenizer_source, storage_cfg, f"{stage}.tokenizer")
     if plan.model_source == "tiny":
         return
-    try:
-        if "://" in plan.model_source and not plan.model_source.startswith("file://"):
-            loc = storage.resolve(plan.model_source, storage_cfg)
-            config = AutoConfig.for_model(**storage.read_json(loc.child("config.json")))
-        else:
-            config = AutoConfig.from_pretrained(plan.model_source.removeprefix("file://"))
-    except (OSError, ValueError, KeyError, storage.StorageError) as e:
-        raise ConfigError(f"{stage}.model: cannot read the config of {plan.model_source!r}: {e}") from None
-    positions = token_positions(config)
-    for key in ("query_max_length", "passage_max_length"):
-        if getattr(section, key) > positions:
-            raise ConfigError(
-                f"{stage}.{key}={getattr(section, key)}: {plan.model_source!r} has {positions} positions"
-            )
-    if len(tokenizer) > config.vocab_size:
-        raise ConfigError(
-            f"{stage}.tokenizer: {len(tokenizer)} ids, more than the {config.vocab_size} of {plan.model_source!r}"
-        )
+    config = read_model_config(plan.model_source, storage_cfg, f"{stage}.model")
+    lengths = {f"{stage}.{key}": getattr(section, key) for key in ("query_max_length", "passage_max_length")}
+    check_fits(config, plan.model_source, lengths, f"{stage}.tokenizer", len(tokenizer))
 
 
 def load_tokenizer(source: str, storage_cfg: StorageConfig | None, key: str):

@@ -38,7 +38,6 @@ from chuxin_ray import storage
 from chuxin_ray.config import Config, ConfigError, PretrainConfig, StorageConfig
 from chuxin_ray.models.masking import mask_retromae_batch
 from chuxin_ray.models.retromae import RetroMAE
-from chuxin_ray.models.tiny import token_positions
 from chuxin_ray.ray_cluster import connect
 from chuxin_ray.train import loop
 from chuxin_ray.train.checkpoint import absolute, local_copy, upload_dir
@@ -106,32 +105,16 @@ def setup(cfg: Config, force: bool = False) -> PretrainPlan:
 
 
 def check_model(section: PretrainConfig, info: TokenizerInfo, storage_cfg: StorageConfig) -> None:
-    """Read the model's config on the driver, so that a wrong path, a short position table or a small
-    vocabulary fails before any Ray work (the workers load the weights)."""
-    from transformers import AutoConfig
-
+    """A wrong path, a short position table or a small vocabulary fails before any Ray work."""
+    from chuxin_ray.models.fit import check_fits, read_model_config
     from chuxin_ray.models.tiny import tiny_xlmr_config
 
     if section.model == "tiny":
         config = tiny_xlmr_config(info.vocab_size, pad_token_id=info.pad_id)
     else:
-        try:
-            if "://" in section.model and not section.model.startswith("file://"):
-                loc = storage.resolve(section.model, storage_cfg)
-                config = AutoConfig.for_model(**storage.read_json(loc.child("config.json")))
-            else:
-                config = AutoConfig.from_pretrained(section.model.removeprefix("file://"))
-        except (OSError, ValueError, KeyError, storage.StorageError) as e:
-            raise ConfigError(f"pretrain.model: cannot read the config of {section.model!r}: {e}") from None
-    positions = token_positions(config)
-    if section.max_length > positions:
-        raise ConfigError(
-            f"pretrain.max_length={section.max_length}: {section.model!r} has {positions} positions"
-        )
-    if info.vocab_size > config.vocab_size:
-        raise ConfigError(
-            f"pretrain.tokenizer: {info.vocab_size} ids, more than the {config.vocab_size} of {section.model!r}"
-        )
+        config = read_model_config(section.model, storage_cfg, "pretrain.model")
+    lengths = {"pretrain.max_length": section.max_length}
+    check_fits(config, section.model, lengths, "pretrain.tokenizer", info.vocab_size)
 
 
 def tokenizer_source(cfg: Config, src: storage.Location) -> str:

@@ -1,5 +1,5 @@
-"""The pretrain stage's driver side, without Ray: config errors name their key and fail before any Ray
-work; the config hash ignores the test hooks; the tokenizer is found and read once."""
+"""The pretrain (and finetune) stages' driver side, without Ray: config errors name their key and fail
+before any Ray work; the config hash ignores the test hooks; the tokenizer is found and read once."""
 
 from __future__ import annotations
 
@@ -78,3 +78,34 @@ def test_config_hash_ignores_test_hooks_only(workdir):
     hooks = {"stop_after_steps": 2, "fail_at_step": 1, "record_rows": True}
     assert pretrain.config_hash(config(workdir, training=hooks)) == base
     assert pretrain.config_hash(config(workdir, training={"lr": 1e-3})) != base
+
+
+def test_finetune_setup_checks_the_model_against_both_lengths_and_the_tokenizer(workdir):
+    """finetune and unified share pretrain's model check (models/fit.py): each length key is named."""
+    from chuxin_ray.stages import finetune
+
+    pairs = workdir / "pairs.jsonl"
+    pairs.write_text(json.dumps({"query": "天气", "pos": ["北京的天气很好"], "neg": ["中国经济"]}) + "\n")
+
+    def finetune_config(**section):
+        section = {
+            "model": str(workdir / "model"),
+            "tokenizer": str(workdir / "tokenizer"),
+            "training": {"steps": 2},
+            **section,
+        }
+        run = {"name": "t", "output": str(workdir / "ft-run")}
+        return validate_config({"run": run, "finetune": {"input": str(pairs), **section}})
+
+    plan = finetune.setup(finetune_config(query_max_length=32, passage_max_length=64))
+    assert plan.model_source == str(workdir / "model") and len(plan.files) == 1
+    with pytest.raises(ConfigError, match=r"finetune\.passage_max_length=128: .* has 64 positions"):
+        finetune.setup(finetune_config(query_max_length=32, passage_max_length=128))
+    with pytest.raises(ConfigError, match=r"finetune\.query_max_length=65: .* has 64 positions"):
+        finetune.setup(finetune_config(query_max_length=65, passage_max_length=64))
+    with pytest.raises(ConfigError, match=r"finetune\.model: cannot read the config of '.*nowhere'"):
+        finetune.setup(finetune_config(model=str(workdir / "nowhere")))
+    small = workdir / "small-vocab-model"
+    build_tiny_masked_lm(tiny_xlmr_config(50, max_position=66)).save_pretrained(small)
+    with pytest.raises(ConfigError, match=r"finetune\.tokenizer: \d+ ids, more than the 50 of"):
+        finetune.setup(finetune_config(model=str(small), query_max_length=32, passage_max_length=64))
