@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 STAGE = "finetune"
 SUBDIRS = ("model", "pairs", "quarantine")  # cleared on a failed earlier attempt; train/ is kept to resume
 INDEX = "pairs/index.json"
+PREFETCH_BATCHES = 2  # micro-batches read and tokenised ahead in the worker, beside the step
 LOCAL_PREPARE_BYTES = 64 * 2**20  # inputs up to this size are checked in the driver, larger ones in Ray tasks
 
 
@@ -490,6 +491,7 @@ def train_worker(config: dict) -> dict:
         export=lambda state: export(state, model, tokenizer, config),
         metrics_dest=out.child("metrics.jsonl"),
         config_hash=config["config_hash"],
+        prefetch=PREFETCH_BATCHES,
     )
     return loop.train(training, task)
 

@@ -105,6 +105,26 @@ def test_optimizer_decays_matrices_only():
     assert no_decay["weight_decay"] == 0.0 and {p.ndim for p in no_decay["params"]} == {1}
 
 
+def test_fused_optimizer_steps_equal_the_plain_adamw():
+    """The fused AdamW the loop uses (DDP, one process) against the per-op reference implementation."""
+    cfg = training(weight_decay=0.1)
+    models = {"fused": Toy(), "plain": Toy()}
+    optimizers = {
+        "fused": loop.build_optimizer(models["fused"], cfg),
+        "plain": loop.build_optimizer(models["plain"], cfg, fused=False),
+    }
+    assert optimizers["fused"].defaults["fused"] and not optimizers["plain"].defaults["fused"]
+    for step in range(5):
+        rows = slice(step * 8, step * 8 + 8)
+        for name, model in models.items():
+            (model(X[rows]) - Y[rows]).pow(2).mean().backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad()
+    for fused, plain in zip(models["fused"].parameters(), models["plain"].parameters(), strict=True):
+        torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-7)
+    assert not loop.build_optimizer(Toy(), training(strategy="fsdp", workers=2)).defaults["fused"]
+
+
 def test_grad_accumulation_equals_one_large_batch(tmp_path):
     """4 rows as 2 micro-batches of 2 with accumulation == 4 rows at once: same loss, same weights."""
     results = {}
