@@ -114,6 +114,16 @@ def test_measured_figures_give_cpu_hours_and_llm_overhead(tmp_path):
     assert row(p, "synthesize").gpu_hours == pytest.approx(row(base, "synthesize").gpu_hours / 0.95)
     text = plan.render(p)
     assert "CPU, 2 cores" in text and "bench/ingest.py" in text
+    # The shipped plan carries the figures bench/ printed, each with its command and machine.
+    shipped = {m.name: m for m in base.cfg.measured}
+    assert set(shipped) == {
+        "ingest_records_per_core_s",
+        "tokenize_texts_per_core_s",
+        "synthesis_stage_overhead",
+    }
+    assert all(m.source.startswith(".venv/bin/python bench/") and m.hardware for m in shipped.values())
+    rate = shipped["tokenize_texts_per_core_s"].value
+    assert row(base, "tokenize").cpu_core_hours == pytest.approx(1e8 / rate / 3600)
 
 
 def test_without_stage_sections_each_stage_is_one_epoch_at_the_defaults(tmp_path):
