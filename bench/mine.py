@@ -155,7 +155,7 @@ def main() -> None:
     numpy_s = time.perf_counter() - started
 
     # Agreement on the top 30 of 200 queries: the same scores at each rank (ties may swap ids).
-    _, stage_top = mine.top_rows(queries[:200], out, corpus_paths, 30, 1024, "cpu")
+    _, stage_top = mine.top_rows(queries[:200], out, corpus_paths, 30, MineConfig(query_chunk=1024), "cpu")
     exact = queries[:200].astype(np.float64) @ corpus.astype(np.float64).T
     gap = np.abs(np.take_along_axis(exact, stage_top, 1) - np.take_along_axis(exact, numpy_top[:200, :30], 1))
     print(

@@ -525,6 +525,15 @@ class MineConfig(Section):
         default=10_000, ge=1, description="queries per search task; ~200 MB of candidate ids at range_end 210"
     )
     query_chunk: int = Field(default=1024, ge=1, description="queries scored against a shard at once")
+    search: Literal["exact", "faiss"] = Field(
+        default="exact",
+        description="exact: sharded matrix product + top-k merge; faiss: a faiss index per corpus shard "
+        "(needs faiss installed: the `faiss` extra)",
+    )
+    faiss_index: str = Field(
+        default="Flat", description="faiss index_factory string, e.g. Flat (exact), IVF1024,Flat, HNSW32"
+    )
+    faiss_nprobe: int | None = Field(default=None, ge=1, description="IVF lists searched; unset: faiss's 1")
     runtime: EncoderRuntime = EncoderRuntime()
 
     @model_validator(mode="after")

@@ -51,8 +51,12 @@ class TopK:
             return
         scores = scores.float()  # (Q, N)
         block_scores, block_cols = _block_top(scores, self.k)  # (Q, kb), (Q, kb)
-        block_ids = ids[block_cols.cpu().numpy()]  # (Q, kb)
-        self.seen += scores.size(1)
+        self.merge(block_scores, ids[block_cols.cpu().numpy()], scores.size(1))
+
+    def merge(self, block_scores: torch.Tensor, block_ids: np.ndarray, documents: int) -> None:
+        """Merge a block already cut to its best: scores (Q, kb) float32 best first (ties in corpus
+        order), their ids (Q, kb), out of `documents` documents (an index's search result)."""
+        self.seen += documents
         if self._scores is None:
             self._scores, self._ids = block_scores, block_ids
             return

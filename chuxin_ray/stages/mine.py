@@ -36,6 +36,7 @@ from chuxin_ray.data.row_ranges import InputFile, RowRange, plan_ranges, read_ra
 from chuxin_ray.llm.model_files import encoder_actors, inference_device
 from chuxin_ray.models.encoder import Encoder
 from chuxin_ray.ray_cluster import connect
+from chuxin_ray.retrieval.faiss_search import check_index_spec, search_faiss
 from chuxin_ray.retrieval.topk import search_exact
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,11 @@ def setup(cfg: Config, force: bool = False) -> MinePlan:
     manifest = storage.begin_stage(STAGE, out, config_hash, force, SUBDIRS)
     if manifest is not None:
         return MinePlan(section, queries, corpus, out, [], [], {}, config_hash, manifest)
+    if section.search == "faiss":  # before any Ray work: faiss installed, the index string valid
+        try:
+            check_index_spec(section.faiss_index, f"{STAGE}.faiss_index")
+        except (ImportError, ValueError) as e:
+            raise ConfigError(str(e)) from None
     query_files = stage_inputs(queries, f"{STAGE}.input")
     corpus_files = stage_inputs(corpus, f"{STAGE}.corpus")
     upstream = (storage.read_manifest(queries) or {}).get("counts", {}).get("funnel", {})
@@ -262,10 +268,14 @@ def corpus_lookup(
 
 
 def top_rows(
-    queries: np.ndarray, out: storage.Location, corpus_paths: list[str], k: int, query_chunk: int, device
+    queries: np.ndarray, out: storage.Location, corpus_paths: list[str], k: int, section: MineConfig, device
 ):
-    """Exact inner-product top-k global rows (Q, min(k, N)) and scores, best first."""
-    scores, rows = search_exact(queries, corpus_embeddings(out, corpus_paths), k, query_chunk, device)
+    """Inner-product top-k global rows (Q, min(k, N)) and scores, best first: exact, or through faiss."""
+    shards = corpus_embeddings(out, corpus_paths)
+    if section.search == "faiss":
+        scores, rows = search_faiss(queries, shards, k, section.faiss_index, section.faiss_nprobe)
+    else:
+        scores, rows = search_exact(queries, shards, k, section.query_chunk, device)
     return scores.numpy(), rows.astype(np.int64)
 
 
@@ -302,12 +312,7 @@ def search_shard(
     if not meta:  # no file: FlagEmbedding's loader fails on an empty jsonl
         return dict(stats, path=None)
     _, rows = top_rows(
-        embedding_matrix(q.column("embedding")),
-        out,
-        corpus_paths,
-        section.range_end,
-        section.query_chunk,
-        device,
+        embedding_matrix(q.column("embedding")), out, corpus_paths, section.range_end, section, device
     )
     candidates = rows[:, section.range_start : section.range_end]  # (Q, <= range_end - range_start)
     rngs = [query_rng(section.seed, m["query_id"]) for m in meta]

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from chuxin_ray import demo, storage
-from chuxin_ray.config import EncoderRuntime, load_config
+from chuxin_ray.config import EncoderRuntime, MineConfig, load_config
 from chuxin_ray.models.tiny import tiny_xlmr_config
 from chuxin_ray.stages import mine
 
@@ -145,11 +145,17 @@ def test_mining_from_the_rank_range_without_positives(data, ray_local):
     column = {cid: j for j, cid in enumerate(corpus_ids)}
     query_ids = query_table.column("query_id").to_pylist()
 
-    # The stage's search (corpus in 4 shards, queries in chunks of 7) equals brute force.
-    top_scores, top = mine.top_rows(q_emb, out, corpus_paths, 30, query_chunk=7, device="cpu")
-    np.testing.assert_allclose(top_scores, ordered[:, :30], atol=TOL)
-    np.testing.assert_allclose(np.take_along_axis(scores, top, axis=1), ordered[:, :30], atol=TOL)
-    assert all(len(set(r)) == 30 for r in top.tolist())
+    # The stage's search (corpus in 4 shards, queries in chunks of 7) equals brute force, and so does
+    # its faiss path (a Flat index per shard, and an IVF index with every list probed: both exact).
+    for search in (
+        MineConfig(query_chunk=7),
+        MineConfig(search="faiss"),
+        MineConfig(search="faiss", faiss_index="IVF2,Flat", faiss_nprobe=2),
+    ):
+        top_scores, top = mine.top_rows(q_emb, out, corpus_paths, 30, search, device="cpu")
+        np.testing.assert_allclose(top_scores, ordered[:, :30], atol=TOL)
+        np.testing.assert_allclose(np.take_along_axis(scores, top, axis=1), ordered[:, :30], atol=TOL)
+        assert all(len(set(r)) == 30 for r in top.tolist())
 
     in_range = 0
     for i, row in enumerate(r for qid in query_ids for r in rows if r["query_id"] == qid):

@@ -137,3 +137,29 @@ def test_cuda_equals_cpu():
     gpu_scores, gpu_ids = search_exact(queries, shards, k=50, query_chunk=128, device="cuda")
     assert torch.equal(cpu_scores, gpu_scores)
     np.testing.assert_array_equal(cpu_ids, gpu_ids)
+
+
+@pytest.mark.parametrize(("spec", "nprobe"), [("Flat", None), ("IVF4,Flat", 4), ("HNSW16", None)])
+def test_faiss_search_equals_the_exact_search(spec: str, nprobe: int | None):
+    """mine.search: faiss. Flat and a fully probed IVF are exact; HNSW on 600 points finds the same top 10."""
+    from chuxin_ray.retrieval.faiss_search import search_faiss
+
+    generator = torch.Generator().manual_seed(5)
+    corpus = torch.nn.functional.normalize(torch.randn(600, 16, generator=generator), dim=-1)  # (N, H)
+    queries = torch.nn.functional.normalize(torch.randn(25, 16, generator=generator), dim=-1)  # (Q, H)
+    shards = [(corpus[i : i + 200], np.arange(i, i + 200) * 10) for i in range(0, 600, 200)]
+    exact_scores, exact_ids = search_exact(queries, shards, k=10)
+    scores, ids = search_faiss(queries, shards, k=10, spec=spec, nprobe=nprobe)
+    assert ids.tolist() == exact_ids.tolist()
+    torch.testing.assert_close(scores, exact_scores, rtol=0, atol=1e-5)
+
+
+def test_faiss_index_errors_name_the_key():
+    from chuxin_ray.retrieval.faiss_search import check_index_spec, search_faiss
+
+    with pytest.raises(ValueError, match=r"mine\.faiss_index: 'IVFx' is not a faiss index_factory string"):
+        check_index_spec("IVFx", "mine.faiss_index")
+    shards = [(torch.eye(4)[:3], np.arange(3))]
+    with pytest.raises(ValueError, match=r"fewer than 3 neighbours in corpus shard 0 .*mine\.faiss_nprobe"):
+        # 2 lists, 1 probed: a query sees one list's documents only
+        search_faiss(torch.eye(4)[:1], shards * 1, k=3, spec="IVF2,Flat", nprobe=1)
