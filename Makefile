@@ -11,7 +11,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 # torch is pinned in pyproject.toml, so it resolves in this same pip call to the CPU wheel on disk.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
