@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from chuxin_ray.config import ConfigError
 from chuxin_ray.retrieval.topk import TopK
 
 
@@ -31,12 +32,16 @@ def require_faiss(key: str):
 
 
 def check_index_spec(spec: str, key: str) -> None:
-    """A factory string faiss cannot build fails here, on the driver, naming the key."""
-    faiss = require_faiss(key)
+    """On the driver, before any Ray work: a missing faiss or a factory string it cannot build is a
+    ConfigError naming the key."""
+    try:
+        faiss = require_faiss(key)
+    except ImportError as e:
+        raise ConfigError(str(e)) from None
     try:
         faiss.index_factory(8, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise ValueError(f"{key}: {spec!r} is not a faiss index_factory string: {str(e)[:200]}") from None
+        raise ConfigError(f"{key}: {spec!r} is not a faiss index_factory string: {str(e)[:200]}") from None
 
 
 def search_faiss(

@@ -71,10 +71,7 @@ def setup(cfg: Config, force: bool = False) -> MinePlan:
     if manifest is not None:
         return MinePlan(section, queries, corpus, out, [], [], {}, config_hash, manifest)
     if section.search == "faiss":  # before any Ray work: faiss installed, the index string valid
-        try:
-            check_index_spec(section.faiss_index, f"{STAGE}.faiss_index")
-        except (ImportError, ValueError) as e:
-            raise ConfigError(str(e)) from None
+        check_index_spec(section.faiss_index, f"{STAGE}.faiss_index")
     query_files = stage_inputs(queries, f"{STAGE}.input")
     corpus_files = stage_inputs(corpus, f"{STAGE}.corpus")
     upstream = (storage.read_manifest(queries) or {}).get("counts", {}).get("funnel", {})

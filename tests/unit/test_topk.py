@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from chuxin_ray.config import ConfigError
 from chuxin_ray.retrieval.topk import TopK, search_exact
 
 
@@ -157,7 +158,7 @@ def test_faiss_search_equals_the_exact_search(spec: str, nprobe: int | None):
 def test_faiss_index_errors_name_the_key():
     from chuxin_ray.retrieval.faiss_search import check_index_spec, search_faiss
 
-    with pytest.raises(ValueError, match=r"mine\.faiss_index: 'IVFx' is not a faiss index_factory string"):
+    with pytest.raises(ConfigError, match=r"mine\.faiss_index: 'IVFx' is not a faiss index_factory string"):
         check_index_spec("IVFx", "mine.faiss_index")
     shards = [(torch.eye(4)[:3], np.arange(3))]
     with pytest.raises(ValueError, match=r"fewer than 3 neighbours in corpus shard 0 .*mine\.faiss_nprobe"):
