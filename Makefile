@@ -9,9 +9,11 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 .PHONY: install demo test lint bench clean
 
 # torch is pinned in pyproject.toml, so it resolves in this same pip call to the CPU wheel on disk.
+# Let pip byte-compile at install (no --no-compile): where PYTHONDONTWRITEBYTECODE is set, as on CI,
+# nothing is cached later, and every Ray worker would recompile torch and transformers on import.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
