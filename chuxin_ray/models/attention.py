@@ -1,0 +1,111 @@
+"""Self-attention whose dropout is cheap on CPU, for training XLM-R encoders there.
+
+On CPU, torch's SDPA with dropout runs its math path and draws the mask with `bernoulli_`, then
+multiplies and divides by the keep probability in separate passes: for the (batch, heads, L, L)
+probabilities of a batch of 128-token passages that costs several times the attention itself
+(bench/finetune.py; tests/unit/test_attention.py). Here the mask is 15 random bits per element
+(`int16.random_()`, about half the cost of `bernoulli_`), compared against a threshold, kept as a bool
+for backward (1 byte an element, not 4) and applied with the 1 / (1 - p) scale in one multiply.
+
+p is rounded to a multiple of 2**-15 (0.1 becomes 0.100006) and kept values are scaled by
+1 / (1 - that p), so every element keeps its expectation. Everything else is SDPA's arithmetic:
+softmax(q k^T / sqrt(d) + mask) v. In eval mode, without dropout, or for anything but plain
+self-attention (cross-attention, a cache, head masks, attention outputs) the module is HF's SDPA
+attention unchanged. On GPU leave SDPA alone: its fused kernels draw the mask inside the kernel.
+
+`use_cpu_attention_dropout(model)` swaps the class of every XLM-R SDPA self-attention module in place:
+the parameters, their names and the saved model are untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaSdpaSelfAttention
+
+BITS = 15  # int16.random_() draws uniformly from [0, 2**15)
+
+
+class BitDropout(torch.autograd.Function):
+    """Dropout from 15-bit integers: drop where bits < round(p * 2**15), scale the rest."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        threshold = round(p * 2**BITS)
+        keep = torch.empty(x.shape, dtype=torch.int16, device=x.device).random_() >= threshold  # bool
+        ctx.scale = 2**BITS / (2**BITS - threshold)
+        ctx.save_for_backward(keep)
+        return x.mul(keep).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None
+
+
+def bit_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    return BitDropout.apply(x, p)
+
+
+class CpuDropoutSelfAttention(XLMRobertaSdpaSelfAttention):
+    """XLM-R SDPA self-attention; in training, its probabilities go through `bit_dropout`."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        past_key_values=None,
+        output_attentions: bool | None = False,
+        cache_position: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        plain = (
+            not self.training
+            or self.dropout_prob == 0.0
+            or self.is_decoder
+            or self.position_embedding_type != "absolute"
+            or encoder_hidden_states is not None
+            or past_key_values is not None
+            or output_attentions
+            or head_mask is not None
+        )
+        if plain:
+            return super().forward(
+                hidden_states,
+                attention_mask,
+                head_mask,
+                encoder_hidden_states,
+                past_key_values,
+                output_attentions,
+                cache_position,
+                **kwargs,
+            )
+        batch, length, _ = hidden_states.shape
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (B, L, H*D) -> (B, H, L, D)
+            return x.view(batch, length, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+
+        query = heads(self.query(hidden_states))
+        key = heads(self.key(hidden_states))
+        value = heads(self.value(hidden_states))
+        scores = query @ key.transpose(-1, -2) * self.attention_head_size**-0.5  # (B, H, L, L)
+        if attention_mask is not None:  # SDPA's: additive float (B, 1, L|1, L), or bool (True = attend)
+            if attention_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + attention_mask
+        probs = bit_dropout(scores.softmax(dim=-1), self.dropout_prob)  # (B, H, L, L)
+        out = (probs @ value).transpose(1, 2).reshape(batch, length, self.all_head_size)  # (B, L, H*D)
+        return out, None
+
+
+def use_cpu_attention_dropout(model: nn.Module) -> int:
+    """Make every XLM-R SDPA self-attention in `model` a CpuDropoutSelfAttention; returns how many."""
+    swapped = 0
+    for module in model.modules():
+        if type(module) is XLMRobertaSdpaSelfAttention:
+            module.__class__ = CpuDropoutSelfAttention
+            swapped += 1
+    return swapped

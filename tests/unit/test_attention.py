@@ -1,0 +1,83 @@
+"""CPU attention dropout (models/attention.py) against HF's SDPA attention, the plain path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import XLMRobertaModel
+
+from chuxin_ray.models.attention import BITS, CpuDropoutSelfAttention, bit_dropout, use_cpu_attention_dropout
+from chuxin_ray.models.tiny import tiny_xlmr_config
+
+
+def models(attention_dropout: float):
+    torch.manual_seed(0)
+    plain = XLMRobertaModel(
+        tiny_xlmr_config(300, hidden=32, heads=4, dropout=0.0, attn_implementation="sdpa"),
+        add_pooling_layer=False,
+    )
+    fast = copy.deepcopy(plain)
+    assert use_cpu_attention_dropout(fast) == 2  # one per layer
+    for module in fast.modules():
+        if isinstance(module, CpuDropoutSelfAttention):
+            module.dropout_prob = attention_dropout
+    return plain, fast
+
+
+def batch():
+    torch.manual_seed(1)
+    ids = torch.randint(3, 300, (6, 20))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0  # padded rows: the additive mask path
+    mask[4, 3:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_training_path_equals_sdpa_when_nothing_is_dropped():
+    # p = 1e-6 rounds to a threshold of 0: the fast path runs (training, p > 0) but drops nothing.
+    plain, fast = models(attention_dropout=1e-6)
+    plain.train(), fast.train()
+    out_plain = plain(**batch()).last_hidden_state
+    out_fast = fast(**batch()).last_hidden_state
+    torch.testing.assert_close(out_fast, out_plain, rtol=1e-5, atol=1e-5)
+    weights = torch.randn(out_plain.shape)  # a loss whose gradient reaches every parameter
+    (out_plain * weights).sum().backward()
+    (out_fast * weights).sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_eval_mode_is_sdpa_and_the_saved_model_is_unchanged(tmp_path):
+    plain, fast = models(attention_dropout=0.1)
+    plain.eval(), fast.eval()
+    torch.testing.assert_close(fast(**batch()).last_hidden_state, plain(**batch()).last_hidden_state)
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    fast.save_pretrained(tmp_path)
+    loaded = XLMRobertaModel.from_pretrained(tmp_path, add_pooling_layer=False)
+    assert not any(isinstance(m, CpuDropoutSelfAttention) for m in loaded.modules())
+
+
+def test_training_drops_attention_like_dropout():
+    plain, fast = models(attention_dropout=0.5)
+    fast.train()
+    torch.manual_seed(2)
+    first = fast(**batch()).last_hidden_state
+    torch.manual_seed(2)
+    assert torch.equal(fast(**batch()).last_hidden_state, first)  # the mask follows torch's seed
+    assert not torch.allclose(first, plain.train()(**batch()).last_hidden_state, atol=1e-3)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_bit_dropout_keeps_the_expectation_and_its_gradient_is_the_mask(p):
+    torch.manual_seed(0)
+    x = torch.full((1_000_000,), 2.0, requires_grad=True)
+    y = bit_dropout(x, p)
+    dropped = (y == 0).float().mean().item()
+    p_used = round(p * 2**BITS) / 2**BITS
+    assert abs(dropped - p_used) < 0.002 and abs(p_used - p) < 2**-BITS
+    assert abs(y.mean().item() - 2.0) < 0.01  # unbiased: kept values scaled by 1 / (1 - p_used)
+    assert y.unique().tolist() == pytest.approx([0.0, 2.0 / (1 - p_used)])
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, (y != 0).float() / (1 - p_used))
