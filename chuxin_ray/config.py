@@ -105,7 +105,7 @@ class DedupConfig(Section):
         description="nfkc_lower_nospace: NFKC, lower-cased, whitespace removed before hashing",
     )
     num_partitions: int | None = Field(
-        default=None, ge=1, description="hash partitions; unset: about one per 64 MB of input, >= cores"
+        default=None, ge=1, description="key hash partitions; unset: about one per GB of input, >= cores"
     )
 
 

@@ -1,12 +1,15 @@
-"""Exact deduplication across the whole corpus by a hash of the normalised text.
+"""Exact deduplication across the whole corpus by a hash of the normalised text, shuffling keys only.
 
-Two steps around a hash shuffle (see stages/ingest.py):
-  1. `add_dedup_key`: a 128-bit blake2b hash of each kept row's normalised text, as two int64
-     columns (128 bits: at 1e9 texts a 64-bit hash would already merge two distinct texts with
-     probability ~3%, 128 bits ~1e-21).
-  2. After `repartition(keys=[KEY])` every copy of a text sits in the same partition, so
-     `mark_duplicates` on a whole partition is global: of each group of equal keys the row with the
-     lowest `order` (first file, first row) stays kept, the others become `duplicate`.
+The texts never move for deduplication (see stages/ingest.py):
+  1. Where a block is read, its kept rows are written as one shard, and `key_table` gives one small
+     row per kept text: a 128-bit blake2b hash of its normalised text (two int64 columns), its global
+     `order` and where it sits (`shard`, `pos`). 32 bytes a row, against ~300 for the row itself.
+     128 bits: at 1e9 texts a 64-bit hash would already merge two distinct texts with probability
+     ~3%, 128 bits ~1e-21.
+  2. After `repartition(keys=[KEY])` every copy of a text sits in one partition, so `find_duplicates`
+     on a whole partition is global: of each group of equal keys the row with the lowest `order`
+     (first file, first row) stays, the others are returned as (shard, pos).
+  3. After `repartition(keys=[SHARD])`, `drop_rows` rewrites each shard that holds a duplicate.
 No worker ever holds every hash: each holds the keys of its own partitions.
 """
 
@@ -21,7 +24,13 @@ from chuxin_ray.data.cleaning import normalize_for_dedup
 
 KEY = "dedup_key"  # high 64 bits: the shuffle key
 KEY_LOW = "dedup_key_low"  # low 64 bits
-DUPLICATE = "duplicate"
+ORDER = "order"  # file_index * 2**32 + row: which copy comes first
+SHARD = "shard"  # the shard the text was written to (an id the ingest stage names files by)
+POS = "pos"  # its row in that shard
+KEY_SCHEMA = pa.schema(
+    [(KEY, pa.int64()), (KEY_LOW, pa.int64()), (ORDER, pa.int64()), (SHARD, pa.int64()), (POS, pa.int32())]
+)
+ROW_SCHEMA = pa.schema([(SHARD, pa.int64()), (POS, pa.int32())])
 
 
 def text_hashes(texts: pa.Array, mode: str) -> np.ndarray:
@@ -31,37 +40,39 @@ def text_hashes(texts: pa.Array, mode: str) -> np.ndarray:
     return np.frombuffer(digests, dtype="<i8").reshape(-1, 2)  # (n, 2)
 
 
-def add_dedup_key(table: pa.Table, mode: str) -> pa.Table:
-    """Kept rows: the text hash. Other rows: (order, -1), unique, so they spread evenly over
-    partitions and never group with anything (mark_duplicates skips them anyway)."""
-    outcome = np.asarray(table.column("outcome").to_pylist(), dtype=object)
-    keys = np.stack([table.column("order").to_numpy(), np.full(table.num_rows, -1)], axis=1)  # (n, 2)
-    kept = np.flatnonzero(outcome == "kept")  # (K,)
-    if len(kept):
-        keys[kept] = text_hashes(table.column("text").take(pa.array(kept)).combine_chunks(), mode)
-    return table.append_column(KEY, pa.array(keys[:, 0], pa.int64())).append_column(
-        KEY_LOW, pa.array(keys[:, 1], pa.int64())
+def key_table(texts: pa.Array, order: np.ndarray, shard: int, mode: str) -> pa.Table:
+    """One KEY_SCHEMA row per text of one shard, in shard order."""
+    keys = text_hashes(texts, mode)  # (n, 2)
+    n = len(texts)
+    return pa.table(
+        [
+            keys[:, 0],
+            keys[:, 1],
+            np.asarray(order, np.int64),
+            np.full(n, shard, np.int64),
+            np.arange(n, dtype=np.int32),
+        ],
+        schema=KEY_SCHEMA,
     )
 
 
-def mark_duplicates(table: pa.Table) -> pa.Table:
-    """Within one hash partition: all kept rows but the first of each key become duplicates."""
-    outcome = np.asarray(table.column("outcome").to_pylist(), dtype=object)
-    kept = np.flatnonzero(outcome == "kept")  # (K,)
-    if len(kept) > 1:
-        high = table.column(KEY).to_numpy()[kept]  # (K,)
-        low = table.column(KEY_LOW).to_numpy()[kept]  # (K,)
-        order = table.column("order").to_numpy()[kept]  # (K,)
-        by_key = np.lexsort((order, low, high))  # (K,) by key, then by order
-        high, low, ranked = high[by_key], low[by_key], kept[by_key]
-        repeat = np.concatenate([[False], (high[1:] == high[:-1]) & (low[1:] == low[:-1])])  # (K,)
-        outcome[ranked[repeat]] = DUPLICATE
-        reason = np.asarray(table.column("reason").to_pylist(), dtype=object)
-        reason[ranked[repeat]] = DUPLICATE
-        table = table.set_column(
-            table.schema.get_field_index("reason"), "reason", pa.array(reason, pa.string())
-        )
-    table = table.set_column(
-        table.schema.get_field_index("outcome"), "outcome", pa.array(outcome, pa.string())
+def find_duplicates(keys: pa.Table) -> pa.Table:
+    """Within one hash partition of KEY_SCHEMA rows: (shard, pos) of all rows but the first (lowest
+    order) of each key, as ROW_SCHEMA."""
+    if keys.num_rows < 2:
+        return ROW_SCHEMA.empty_table()
+    high = keys.column(KEY).to_numpy()  # (K,)
+    low = keys.column(KEY_LOW).to_numpy()  # (K,)
+    by_key = np.lexsort((keys.column(ORDER).to_numpy(), low, high))  # (K,) by key, then by order
+    high, low = high[by_key], low[by_key]
+    repeat = by_key[1:][(high[1:] == high[:-1]) & (low[1:] == low[:-1])]  # (D,) rows after the first
+    return pa.table(
+        [keys.column(SHARD).to_numpy()[repeat], keys.column(POS).to_numpy()[repeat]], schema=ROW_SCHEMA
     )
-    return table.drop_columns([KEY, KEY_LOW])
+
+
+def drop_rows(table: pa.Table, positions: np.ndarray) -> pa.Table:
+    """`table` without the rows at `positions`."""
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[positions] = False
+    return table.filter(pa.array(keep))

@@ -10,11 +10,13 @@ import pyarrow.parquet as pq
 from chuxin_ray.storage import Location, write_bytes
 
 
-def write_shard(out: Location, folder: str, table: pa.Table) -> str:
-    """Write `table` as one new Parquet file in `out/folder/`, atomically; returns its path relative
-    to `out` (what manifests list). Names are random, so concurrent writers and retried tasks never
-    overwrite each other; the stage's manifest decides which files count."""
-    rel = f"{folder}/part-{uuid.uuid4().hex[:16]}.parquet"
+def write_shard(out: Location, folder: str, table: pa.Table, name: str | None = None) -> str:
+    """Write `table` as one Parquet file `out/folder/<name>.parquet`, atomically; returns its path
+    relative to `out` (what manifests list). Without a name the name is random, so concurrent writers
+    and retried tasks never overwrite each other; a writer that names its shards must give the same
+    name only to the same rows (a retried task rewriting what it wrote). The stage's manifest decides
+    which files count."""
+    rel = f"{folder}/{name or 'part-' + uuid.uuid4().hex[:16]}.parquet"
     sink = pa.BufferOutputStream()
     # 64k-row groups: readers (Ray Data, the next stage) can split a shard into parallel blocks
     pq.write_table(table, sink, compression="zstd", row_group_size=65_536)

@@ -1,12 +1,17 @@
 """Stage `ingest`: raw corpus files -> cleaned, deduplicated Parquet of {id, text, source}.
 
-    files (jsonl / .gz / .zst / parquet)                       one read task per file
-      -> records: one row per source record, bad ones marked   data/records.py
-      -> rules: kept rows failing a rule become `dropped`      data/cleaning.py
-      -> hash shuffle on the normalised-text hash              repartition(keys=[dedup_key])
-      -> per partition: duplicates marked, shards written      data/dedup.py, data/shards.py
-      -> manifest with counts by outcome and reason            only if every row is accounted for
+    files (jsonl / .gz / .zst / parquet)                          one read task per file
+      -> records: one row per source record, bad ones marked      data/records.py
+      -> rules: kept rows failing a rule become `dropped`         data/cleaning.py
+      -> each block written where it was read: kept rows to       data/, quarantine/, dropped/
+         data/, bad records to quarantine/, rule failures to dropped/; one dedup key per kept row
+      -> hash shuffle of the keys only (32 bytes a row)           repartition(keys=[dedup.KEY])
+      -> per partition: duplicates found, as (shard, row)         data/dedup.py
+      -> shuffle those by shard; each shard holding one rewritten without it
+      -> manifest with counts by outcome and reason               only if every row is accounted for
 
+The texts move once, from the reader to their shard: deduplication shuffles 32-byte keys, so the
+object store holds a few percent of the corpus, and memory does not grow with it.
 Output: <out>/data/ (kept), <out>/quarantine/ (bad records with reason, file and row, raw bytes),
 <out>/dropped/ (rule failures with reason), <out>/_manifest.json.
 """
@@ -19,8 +24,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 
 from chuxin_ray import storage
@@ -35,7 +42,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "ingest"
 SUBDIRS = ("data", "quarantine", "dropped")
-PARTITION_BYTES = 64 * 2**20  # input bytes per dedup partition when not configured
+PARTITION_BYTES = 2**30  # input bytes per key partition when not configured (~100 MB of keys)
 DATA_COLUMNS = ["id", "text", "source"]
 QUARANTINE_COLUMNS = ["source", "path", "row", "reason", "raw"]
 DROPPED_COLUMNS = ["id", "text", "source", "path", "row", "reason"]
@@ -94,40 +101,48 @@ def run(plan: IngestPlan, cfg: Config) -> dict:
     started = time.time()
     connect(cfg.ray)
     section = plan.cfg
-    tally = ReadTally.remote()
+    tally = FileTally.remote()
     n_bytes = sum(f.size for f in plan.files)
     log.info("%s: %d files, %.1f MB -> %s", STAGE, len(plan.files), n_bytes / 1e6, plan.out.uri)
 
     ds = ray.data.from_items(
         [{"file": i} for i in range(len(plan.files))], override_num_blocks=len(plan.files)
     )
-    ds = ds.map_batches(
-        read_files,
+    keys = ds.map_batches(
+        read_and_clean,
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs={"files": plan.files, "batch_rows": section.read_batch_rows, "tally": tally},
+        fn_kwargs={
+            "files": plan.files,
+            "batch_rows": section.read_batch_rows,
+            "rules": section.rules,
+            "dedup_mode": section.dedup.normalize if section.dedup.enabled else None,
+            "out": plan.out,
+            "tally": tally,
+        },
     )
-    ds = ds.map_batches(
-        clean,
-        batch_format="pyarrow",
-        batch_size=None,
-        fn_kwargs={"rules": section.rules, "dedup_mode": section.dedup.normalize},
-    )
+    rewrites: list[dict] = []
     if section.dedup.enabled:
         partitions = section.dedup.num_partitions or max(
             available_cpus(), math.ceil(n_bytes / PARTITION_BYTES)
         )
         # As Ray's own GroupedData.map_groups: after a keyed repartition, a map_batches call with
-        # batch_size=None sees one whole partition, so every copy of a text is in the same call.
-        ds = ds.repartition(partitions, keys=[dedup.KEY])
-    summary = ds.map_batches(
-        finish_partition,
-        batch_format="pyarrow",
-        batch_size=None,
-        fn_kwargs={"out": plan.out, "dedup_enabled": section.dedup.enabled},
-    ).take_all()
+        # batch_size=None sees one whole partition, so every copy of a text is in the same call ...
+        duplicates = keys.repartition(partitions, keys=[dedup.KEY]).map_batches(
+            dedup.find_duplicates, batch_format="pyarrow", batch_size=None
+        )
+        # ... and here every duplicate of one shard.
+        rewrites = (
+            duplicates.repartition(partitions, keys=[dedup.SHARD])
+            .map_batches(
+                drop_duplicates, batch_format="pyarrow", batch_size=None, fn_kwargs={"out": plan.out}
+            )
+            .take_all()
+        )
+    else:
+        keys.materialize()  # reads, cleans and writes; yields no keys
+    counts, files = summarize(ray.get(tally.results.remote()), rewrites)
 
-    counts, files = summarize(summary, read=ray.get(tally.total.remote()))
     manifest = storage.stage_manifest(
         STAGE,
         plan.config_hash,
@@ -166,85 +181,141 @@ def main(cfg: Config, force: bool = False) -> dict:
 
 
 @ray.remote(num_cpus=0)
-class ReadTally:
-    """Records read per file, counted where they are read: the independent side of the invariant.
-    Keyed by file, so a retried read task overwrites rather than adds."""
+class FileTally:
+    """What each input file became, recorded where it was read: rows read (the independent side of
+    the invariant), rows by outcome and reason, and the shards written. Keyed by file, so a retried
+    read task replaces its entry rather than adding to it (and its shards have the same names)."""
 
     def __init__(self):
-        self.rows: dict[str, int] = {}
+        self.files: dict[str, dict] = {}
 
-    def record(self, uri: str, rows: int) -> None:
-        self.rows[uri] = rows
+    def record(self, uri: str, result: dict) -> None:
+        self.files[uri] = result
 
-    def total(self) -> int:
-        return sum(self.rows.values())
+    def results(self) -> list[dict]:
+        return list(self.files.values())
 
 
-def read_files(batch: pa.Table, files: list[SourceFile], batch_rows: int, tally):
+def shard_id(file_index: int, block: int) -> int:
+    return (file_index << 24) + block
+
+
+def shard_name(shard: int, suffix: str = "") -> str:
+    """Shards are named by the file and block they come from, so a retried read task rewrites the
+    same files rather than adding new ones."""
+    return f"part-{shard >> 24:06d}-{shard & 0xFFFFFF:06d}{suffix}"
+
+
+DEDUPED = "-dedup"  # the rewrite of a shard without its duplicates
+
+
+def read_and_clean(
+    batch: pa.Table, files: list[SourceFile], batch_rows: int, rules, dedup_mode: str | None, out, tally
+):
+    """Read whole files, clean them and write every block's rows where they belong; yield one dedup
+    key per kept row (nothing when dedup is off). Records what each file became in `tally`."""
+    rule_set = RuleSet(rules)
     for index in batch.column("file").to_pylist():
         file = files[index]
-        rows = 0
-        for table in read_records(file, batch_rows):
-            rows += table.num_rows
-            yield table
-        ray.get(tally.record.remote(file.uri, rows))
+        result = {"read": 0, "outcomes": Counter(), "files": []}
+        for block, records in enumerate(read_records(file, batch_rows)):
+            shard = shard_id(file.index, block)
+            kept = write_block(out, apply_rules(records, rule_set), shard, result)
+            if dedup_mode is not None:
+                yield dedup.key_table(kept.column("text"), kept.column("order").to_numpy(), shard, dedup_mode)
+        result["outcomes"] = [[o, r, n] for (o, r), n in result["outcomes"].items()]
+        ray.get(tally.record.remote(file.uri, result))
 
 
-def clean(table: pa.Table, rules, dedup_mode: str) -> pa.Table:
-    return dedup.add_dedup_key(apply_rules(table, RuleSet(rules)), dedup_mode)
+OUTPUTS = (  # outcome, folder, columns
+    ("kept", "data", DATA_COLUMNS),
+    ("quarantined", "quarantine", QUARANTINE_COLUMNS),
+    ("dropped", "dropped", DROPPED_COLUMNS),
+)
 
 
-def finish_partition(table: pa.Table, out: storage.Location, dedup_enabled: bool) -> pa.Table:
-    """Mark duplicates in one hash partition, write its shards, return what was written."""
-    table = dedup.mark_duplicates(table) if dedup_enabled else table.drop_columns([dedup.KEY, dedup.KEY_LOW])
-    outcome = table.column("outcome")
-    summary: dict[str, list] = {"outcome": [], "reason": [], "rows": [], "file": []}
-
-    def add(outcome_, reason, rows, file=""):
-        for key, value in zip(summary, (outcome_, reason, rows, file), strict=True):
-            summary[key].append(value)
-
-    for name, folder, columns in (
-        ("kept", "data", DATA_COLUMNS),
-        ("quarantined", "quarantine", QUARANTINE_COLUMNS),
-        ("dropped", "dropped", DROPPED_COLUMNS),
-    ):
-        part = table.filter(pc.equal(outcome, name)).select(columns)
-        if part.num_rows:
-            add(name, "", part.num_rows, write_shard(out, folder, part))
-    for (name, reason), rows in Counter(
-        zip(outcome.to_pylist(), table.column("reason").to_pylist(), strict=True)
-    ).items():
-        add(name, reason, rows)
-    return pa.table(
-        summary,
-        schema=pa.schema(
-            [("outcome", pa.string()), ("reason", pa.string()), ("rows", pa.int64()), ("file", pa.string())]
-        ),
-    )
-
-
-def summarize(summary: list[dict], read: int) -> tuple[dict, dict]:
-    """Counts by outcome and reason plus the file lists; checks rows read = rows accounted for."""
-    by_reason: dict[str, Counter] = {
-        "kept": Counter(),
-        "dropped": Counter(),
-        "duplicate": Counter(),
-        "quarantined": Counter(),
-    }
-    files: dict[str, list] = {"data": [], "quarantine": [], "dropped": []}
-    folder = {"kept": "data", "quarantined": "quarantine", "dropped": "dropped"}
-    for row in summary:
-        if row["file"]:
-            files[folder[row["outcome"]]].append({"path": row["file"], "rows": row["rows"]})
+def write_block(out: storage.Location, records: pa.Table, shard: int, result: dict) -> pa.Table:
+    """Write a block's rows by outcome, each to a shard named after `shard`; adds to `result` what
+    was read and written. Returns the kept rows (all RECORD_SCHEMA columns, in shard order)."""
+    result["read"] += records.num_rows
+    outcome = records.column("outcome")
+    kept = records
+    for name, folder, columns in OUTPUTS:
+        part = records.filter(pc.equal(outcome, name))
+        if name == "kept":
+            kept = part
+            result["outcomes"][name, ""] += part.num_rows
         else:
-            by_reason[row["outcome"]][row["reason"]] += row["rows"]
+            result["outcomes"].update((name, r) for r in part.column("reason").to_pylist())
+        if part.num_rows:
+            rel = write_shard(out, folder, part.select(columns), name=shard_name(shard))
+            result["files"].append([folder, rel, part.num_rows, shard])
+    return kept
+
+
+REWRITE_SCHEMA = pa.schema(
+    [("shard", pa.int64()), ("path", pa.string()), ("rows", pa.int64()), ("duplicates", pa.int64())]
+)
+
+
+def drop_duplicates(rows: pa.Table, out: storage.Location) -> pa.Table:
+    """(shard, pos) of duplicates, every one of their shards in this call: rewrite each such data
+    shard without them. Returns REWRITE_SCHEMA rows: the shard, its new path ("" when nothing is
+    left), rows left and rows dropped."""
+    shards = rows.column(dedup.SHARD).to_numpy()  # (D,)
+    positions = rows.column(dedup.POS).to_numpy()  # (D,)
+    by_shard = np.argsort(shards, kind="stable")
+    ids, starts = np.unique(shards[by_shard], return_index=True)
+    written: dict[str, list] = {name: [] for name in REWRITE_SCHEMA.names}
+    for shard, pos in zip(ids.tolist(), np.split(positions[by_shard], starts[1:]), strict=True):
+        path, left = rewrite_shard(out, shard, pos)
+        for name, value in zip(REWRITE_SCHEMA.names, (shard, path, left, len(pos)), strict=True):
+            written[name].append(value)
+    return pa.table(written, schema=REWRITE_SCHEMA)
+
+
+def rewrite_shard(out: storage.Location, shard: int, positions: np.ndarray) -> tuple[str, int]:
+    """Write data shard `shard` again without the rows at `positions`, then delete the original.
+    Idempotent, so a retried task ends in the same state: a rewrite that exists is not redone."""
+    original = out.child("data", shard_name(shard) + ".parquet")
+    rel = f"data/{shard_name(shard, DEDUPED)}.parquet"
+    if storage.exists(out.child(rel)):
+        with out.fs.open_input_file(out.child(rel).path) as f:
+            left = pq.ParquetFile(f).metadata.num_rows
+    elif storage.exists(original):
+        with out.fs.open_input_file(original.path) as f:
+            table = dedup.drop_rows(pq.read_table(f), positions)
+        left = table.num_rows
+        if left:
+            write_shard(out, "data", table, name=shard_name(shard, DEDUPED))
+    else:  # rewritten to nothing by an earlier attempt of this task
+        left = 0
+    if storage.exists(original):
+        out.fs.delete_file(original.path)
+    return (rel if left else ""), left
+
+
+def summarize(results: list[dict], rewrites: list[dict]) -> tuple[dict, dict]:
+    """Counts by outcome and reason plus the file lists, from what each file became and which
+    shards lost duplicates; checks rows read = rows accounted for, and that the rows in the data
+    files are the kept rows less the duplicates."""
+    outcomes: dict[str, Counter] = {"kept": Counter(), "dropped": Counter(), "quarantined": Counter()}
+    files: dict[str, list] = {"data": [], "quarantine": [], "dropped": []}
+    rewritten = {r["shard"]: r for r in rewrites}
+    for result in results:
+        for outcome, reason, rows in result["outcomes"]:
+            outcomes[outcome][reason] += rows
+        for folder, path, rows, shard in result["files"]:
+            if folder == "data" and shard in rewritten:
+                path, rows = rewritten[shard]["path"], rewritten[shard]["rows"]
+            if rows:
+                files[folder].append({"path": path, "rows": rows})
     counts = {
-        "read": read,
-        "kept": sum(by_reason["kept"].values()),
-        "dropped": dict(sorted(by_reason["dropped"].items())),
-        "duplicates": sum(by_reason["duplicate"].values()),
-        "quarantined": dict(sorted(by_reason["quarantined"].items())),
+        "read": sum(r["read"] for r in results),
+        "kept": sum(f["rows"] for f in files["data"]),
+        "dropped": dict(sorted(outcomes["dropped"].items())),
+        "duplicates": sum(r["duplicates"] for r in rewrites),
+        "quarantined": dict(sorted(outcomes["quarantined"].items())),
     }
     accounted = (
         counts["kept"]
@@ -252,10 +323,11 @@ def summarize(summary: list[dict], read: int) -> tuple[dict, dict]:
         + counts["duplicates"]
         + sum(counts["quarantined"].values())
     )
-    if accounted != read:
+    if accounted != counts["read"] or counts["kept"] != outcomes["kept"][""] - counts["duplicates"]:
         raise RuntimeError(
-            f"{STAGE}: {read} records read but {accounted} accounted for "
-            f"(kept + dropped + duplicates + quarantined); no manifest written"
+            f"{STAGE}: {counts['read']} records read but {accounted} accounted for "
+            f"(kept {counts['kept']} of {outcomes['kept']['']} less duplicates + dropped + duplicates + "
+            f"quarantined); no manifest written"
         )
     for name in files:
         files[name].sort(key=lambda f: f["path"])
