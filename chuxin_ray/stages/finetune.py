@@ -356,12 +356,12 @@ def instruction_for(section: FinetuneConfig):
 
 def load_encoder(source: str, tokenizer, seed: int, storage_cfg: StorageConfig | None) -> nn.Module:
     """The encoder without a pooler (unused, and DDP refuses parameters without gradients). On a
-    machine without CUDA its attention dropout is the cheap CPU one (models/attention.py)."""
-    from chuxin_ray.models.attention import use_cpu_attention_dropout
+    machine without CUDA its dropout is the cheap CPU one (models/cpu_dropout.py)."""
+    from chuxin_ray.models.cpu_dropout import use_cpu_dropout
 
     encoder = _load_encoder(source, tokenizer, seed, storage_cfg)
     if not torch.cuda.is_available():
-        use_cpu_attention_dropout(encoder)
+        use_cpu_dropout(encoder)
     return encoder
 
 

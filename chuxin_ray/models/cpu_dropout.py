@@ -1,11 +1,13 @@
-"""Self-attention whose dropout is cheap on CPU, for training XLM-R encoders there.
+"""Dropout that is cheap on CPU, for training XLM-R encoders there: in attention and between layers.
 
 On CPU, torch's SDPA with dropout runs its math path and draws the mask with `bernoulli_`, then
 multiplies and divides by the keep probability in separate passes: for the (batch, heads, L, L)
 probabilities of a batch of 128-token passages that costs several times the attention itself
 (bench/finetune.py; tests/unit/test_attention.py). Here the mask is 15 random bits per element
-(`int16.random_()`, about half the cost of `bernoulli_`), compared against a threshold, kept as a bool
-for backward (1 byte an element, not 4) and applied with the 1 / (1 - p) scale in one multiply.
+(`int16.random_()`, under half the cost of `bernoulli_`), compared against a threshold, kept as a bool
+for backward (1 byte an element, not 4) and applied with `masked_fill` and one in-place scale
+(multiplying by a bool tensor casts it element by element, 3x slower on one thread). The
+`nn.Dropout` modules between layers use the same function.
 
 p is rounded to a multiple of 2**-15 (0.1 becomes 0.100006) and kept values are scaled by
 1 / (1 - that p), so every element keeps its expectation. Everything else is SDPA's arithmetic:
@@ -13,8 +15,8 @@ softmax(q k^T / sqrt(d) + mask) v. In eval mode, without dropout, or for anythin
 self-attention (cross-attention, a cache, head masks, attention outputs) the module is HF's SDPA
 attention unchanged. On GPU leave SDPA alone: its fused kernels draw the mask inside the kernel.
 
-`use_cpu_attention_dropout(model)` swaps the class of every XLM-R SDPA self-attention module in place:
-the parameters, their names and the saved model are untouched.
+`use_cpu_dropout(model)` swaps the class of every XLM-R SDPA self-attention and every `nn.Dropout`
+module in place: the parameters, their names and the saved model are untouched.
 """
 
 from __future__ import annotations
@@ -32,15 +34,15 @@ class BitDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
         threshold = round(p * 2**BITS)
-        keep = torch.empty(x.shape, dtype=torch.int16, device=x.device).random_() >= threshold  # bool
+        drop = torch.empty(x.shape, dtype=torch.int16, device=x.device).random_() < threshold  # bool
         ctx.scale = 2**BITS / (2**BITS - threshold)
-        ctx.save_for_backward(keep)
-        return x.mul(keep).mul_(ctx.scale)
+        ctx.save_for_backward(drop)
+        return x.masked_fill(drop, 0.0).mul_(ctx.scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None
+        (drop,) = ctx.saved_tensors
+        return grad.masked_fill(drop, 0.0).mul_(ctx.scale), None
 
 
 def bit_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -101,11 +103,24 @@ class CpuDropoutSelfAttention(XLMRobertaSdpaSelfAttention):
         return out, None
 
 
-def use_cpu_attention_dropout(model: nn.Module) -> int:
-    """Make every XLM-R SDPA self-attention in `model` a CpuDropoutSelfAttention; returns how many."""
+class CpuDropout(nn.Dropout):
+    """nn.Dropout through `bit_dropout` in training."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return bit_dropout(x, self.p)
+
+
+def use_cpu_dropout(model: nn.Module) -> int:
+    """Make every XLM-R SDPA self-attention in `model` a CpuDropoutSelfAttention and every
+    nn.Dropout a CpuDropout; returns how many modules changed."""
     swapped = 0
     for module in model.modules():
         if type(module) is XLMRobertaSdpaSelfAttention:
             module.__class__ = CpuDropoutSelfAttention
+            swapped += 1
+        elif type(module) is nn.Dropout and not module.inplace:
+            module.__class__ = CpuDropout
             swapped += 1
     return swapped

@@ -1,4 +1,4 @@
-"""CPU attention dropout (models/attention.py) against HF's SDPA attention, the plain path."""
+"""CPU dropout (models/cpu_dropout.py) against HF's SDPA attention and nn.Dropout, the plain paths."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ import pytest
 import torch
 from transformers import XLMRobertaModel
 
-from chuxin_ray.models.attention import BITS, CpuDropoutSelfAttention, bit_dropout, use_cpu_attention_dropout
+from chuxin_ray.models.cpu_dropout import (
+    BITS,
+    CpuDropout,
+    CpuDropoutSelfAttention,
+    bit_dropout,
+    use_cpu_dropout,
+)
 from chuxin_ray.models.tiny import tiny_xlmr_config
 
 
@@ -19,7 +25,7 @@ def models(attention_dropout: float):
         add_pooling_layer=False,
     )
     fast = copy.deepcopy(plain)
-    assert use_cpu_attention_dropout(fast) == 2  # one per layer
+    assert use_cpu_dropout(fast) == 9  # per layer: the attention and 3 dropouts; the embeddings' dropout
     for module in fast.modules():
         if isinstance(module, CpuDropoutSelfAttention):
             module.dropout_prob = attention_dropout
@@ -81,3 +87,13 @@ def test_bit_dropout_keeps_the_expectation_and_its_gradient_is_the_mask(p):
     assert y.unique().tolist() == pytest.approx([0.0, 2.0 / (1 - p_used)])
     y.sum().backward()
     torch.testing.assert_close(x.grad, (y != 0).float() / (1 - p_used))
+
+
+def test_dropout_modules_drop_in_training_only():
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.25))
+    assert use_cpu_dropout(layer) == 1 and isinstance(layer[1], CpuDropout)
+    x = torch.ones(2000, 4)
+    assert torch.equal(layer.eval()(x), layer[0](x))
+    out = layer.train()[1](x)
+    assert abs((out == 0).float().mean().item() - 0.25) < 0.02 and abs(out.mean().item() - 1.0) < 0.03
