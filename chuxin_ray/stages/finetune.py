@@ -502,8 +502,16 @@ def train_worker(config: dict) -> dict:
         metrics_dest=out.child("metrics.jsonl"),
         config_hash=config["config_hash"],
         prefetch=PREFETCH_BATCHES,
+        sparse_grad_params=token_embedding_names(model),
     )
     return loop.train(training, task)
+
+
+def token_embedding_names(model: nn.Module) -> tuple[str, ...]:
+    """The encoder's token embedding table by its name in `model`: a step touches few of its rows, so
+    its gradient is row-sparse (the loop all-reduces only those rows)."""
+    table = model.encoder.get_input_embeddings().weight
+    return tuple(name for name, param in model.named_parameters() if param is table)
 
 
 def encoder_layers(encoder: nn.Module) -> list[nn.Module]:

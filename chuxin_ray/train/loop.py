@@ -40,6 +40,7 @@ from chuxin_ray.config import ConfigError, TrainingConfig
 from chuxin_ray.train import checkpoint
 from chuxin_ray.train.data import DataPosition
 from chuxin_ray.train.prefetch import Prefetched, prefetched
+from chuxin_ray.train.sparse_rows import all_reduce_rows, leave_out_of_ddp
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,9 @@ class TrainTask:
     metrics_dest: storage.Location | None = None  # metrics.jsonl, rewritten at checkpoints and the end
     config_hash: str = ""
     prefetch: int = 0  # micro-batches made ahead in a thread (train/prefetch.py); 0: made on demand
+    # tables whose gradient is row-sparse (token embeddings): under DDP with >1 worker only the touched
+    # rows are all-reduced (train/sparse_rows.py); names as in `model`
+    sparse_grad_params: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -376,6 +380,9 @@ def train(cfg: TrainingConfig, task: TrainTask) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
     model.train()
+    sparse_params = []
+    if task.sparse_grad_params and cfg.strategy == "ddp" and world > 1:
+        sparse_params = leave_out_of_ddp(model, task.sparse_grad_params)
     model = wrap_model(model, cfg.strategy, device, task.shard_units)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(cfg.steps, cfg.warmup_ratio))
@@ -419,6 +426,8 @@ def train(cfg: TrainingConfig, task: TrainTask) -> dict:
                     "rank %d: fail_at_step=%d: killing this worker (test hook)", rank, cfg.fail_at_step
                 )
                 os.kill(os.getpid(), signal.SIGKILL)
+            if sparse_params:
+                all_reduce_rows(sparse_params)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
                 grad_norm = grad_norm.full_tensor()

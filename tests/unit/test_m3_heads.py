@@ -216,3 +216,13 @@ def test_unified_loss_and_gradients_equal_flagembedding_m3_model(teacher_form: s
     assert loss.item() == pytest.approx(up_loss.item() - offset.item(), rel=max(rtol, 1e-6))
     for ours, theirs in zip(grads, up_grads, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol)
+
+
+def test_the_row_sparse_table_of_both_embedders_is_the_token_embedding():
+    from chuxin_ray.models.m3_folder import DenseEmbedder
+    from chuxin_ray.stages.finetune import token_embedding_names
+
+    for embedder in (DenseEmbedder(_tiny_encoder(), "cls"), M3Embedder(_tiny_encoder(), M3Heads(32))):
+        (name,) = token_embedding_names(embedder)
+        table = dict(embedder.named_parameters())[name]
+        assert table is embedder.encoder.embeddings.word_embeddings.weight

@@ -1,0 +1,59 @@
+"""Gradient all-reduce of an embedding table over the rows some rank touched, not the whole table.
+
+A contrastive step touches a few thousand of XLM-R's 250,002 token rows, yet DDP all-reduces the whole
+(V, H) gradient every step: 32 MB for a hidden size of 32, 1 GB for bge-m3's 1024. Here such tables
+are left out of DDP's buckets, and after the last backward of a step `all_reduce_rows`:
+
+    each rank: the rows of its gradient that are not all zero        (r_i,)
+    all ranks: the union of those rows (two all_gathers)             (R,)
+    all ranks: those rows of the gradient, all-reduced and averaged  (R, H)
+
+Rows no rank touched are zero everywhere, so the gradient equals DDP's dense all-reduce (mean over
+ranks), which tests/unit/test_sparse_rows.py checks. Only for tables whose gradient is sparse: a table
+tied to an LM head (RetroMAE pretraining) has a dense gradient, and this would only add the gathers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def leave_out_of_ddp(model: nn.Module, names: tuple[str, ...]) -> list[nn.Parameter]:
+    """Before wrapping `model` in DDP: the named parameters are neither bucketed nor broadcast by DDP;
+    rank 0's values are broadcast here instead, as DDP does for the rest. Returns them."""
+    params = dict(model.named_parameters())
+    missing = [name for name in names if name not in params]
+    if missing:
+        raise ValueError(f"no parameters named {missing} in {type(model).__name__}")
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(names))
+    for name in names:
+        dist.broadcast(params[name].data, src=0)
+    return [params[name] for name in names]
+
+
+def all_reduce_rows(params: list[nn.Parameter]) -> int:
+    """Average the gradients of `params` ((V, H) each) over ranks, sending only the rows some rank
+    touched. Returns how many rows were sent (over all params)."""
+    world = dist.get_world_size()
+    sent = 0
+    for param in params:
+        if param.grad is None:  # this rank touched nothing; others may have
+            param.grad = torch.zeros_like(param)
+        grad = param.grad  # (V, H)
+        local = grad.ne(0).any(dim=1).nonzero().squeeze(1)  # (r,)
+        counts = [torch.zeros(1, dtype=torch.int64, device=grad.device) for _ in range(world)]
+        dist.all_gather(counts, torch.tensor([len(local)], dtype=torch.int64, device=grad.device))
+        longest = int(max(c.item() for c in counts))
+        padded = torch.full((longest,), -1, dtype=torch.int64, device=grad.device)  # (r_max,)
+        padded[: len(local)] = local
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded)
+        rows = torch.unique(torch.cat(gathered))  # (R,) sorted, -1 first if present
+        rows = rows[rows >= 0]
+        values = grad.index_select(0, rows)  # (R, H)
+        dist.all_reduce(values)
+        grad.index_copy_(0, rows, values.div_(world))
+        sent += len(rows)
+    return sent
