@@ -361,7 +361,7 @@ def load_encoder(source: str, tokenizer, seed: int, storage_cfg: StorageConfig |
 
     encoder = _load_encoder(source, tokenizer, seed, storage_cfg)
     if not torch.cuda.is_available():
-        use_cpu_dropout(encoder)
+        log.info("CPU dropout in %d attention and dropout modules", use_cpu_dropout(encoder))
     return encoder
 
 
