@@ -3,7 +3,7 @@
 On CPU, torch's SDPA with dropout runs its math path and draws the mask with `bernoulli_`, then
 multiplies and divides by the keep probability in separate passes: for the (batch, heads, L, L)
 probabilities of a batch of 128-token passages that costs several times the attention itself
-(bench/finetune.py; tests/unit/test_attention.py). Here the mask is 15 random bits per element
+(bench/finetune.py). Here the mask is 15 random bits per element
 (`int16.random_()`, under half the cost of `bernoulli_`), compared against a threshold, kept as a bool
 for backward (1 byte an element, not 4) and applied with `masked_fill` and one in-place scale
 (multiplying by a bool tensor casts it element by element, 3x slower on one thread). The

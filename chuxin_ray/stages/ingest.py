@@ -239,18 +239,17 @@ def write_block(out: storage.Location, records: pa.Table, shard: int, result: di
     was read and written. Returns the kept rows (all RECORD_SCHEMA columns, in shard order)."""
     result["read"] += records.num_rows
     outcome = records.column("outcome")
-    kept = records
+    parts = {name: records.filter(pc.equal(outcome, name)) for name, _, _ in OUTPUTS}
     for name, folder, columns in OUTPUTS:
-        part = records.filter(pc.equal(outcome, name))
-        if name == "kept":
-            kept = part
+        part = parts[name]
+        if name == "kept":  # kept rows have no reason: count them without a Python pass
             result["outcomes"][name, ""] += part.num_rows
         else:
-            result["outcomes"].update((name, r) for r in part.column("reason").to_pylist())
+            result["outcomes"].update((name, reason) for reason in part.column("reason").to_pylist())
         if part.num_rows:
             rel = write_shard(out, folder, part.select(columns), name=shard_name(shard))
             result["files"].append([folder, rel, part.num_rows, shard])
-    return kept
+    return parts["kept"]
 
 
 REWRITE_SCHEMA = pa.schema(
@@ -323,11 +322,15 @@ def summarize(results: list[dict], rewrites: list[dict]) -> tuple[dict, dict]:
         + counts["duplicates"]
         + sum(counts["quarantined"].values())
     )
-    if accounted != counts["read"] or counts["kept"] != outcomes["kept"][""] - counts["duplicates"]:
+    if accounted != counts["read"]:
         raise RuntimeError(
             f"{STAGE}: {counts['read']} records read but {accounted} accounted for "
-            f"(kept {counts['kept']} of {outcomes['kept']['']} less duplicates + dropped + duplicates + "
-            f"quarantined); no manifest written"
+            f"(kept + dropped + duplicates + quarantined); no manifest written"
+        )
+    if counts["kept"] != outcomes["kept"][""] - counts["duplicates"]:
+        raise RuntimeError(
+            f"{STAGE}: the data files hold {counts['kept']} rows, not the {outcomes['kept']['']} kept "
+            f"less {counts['duplicates']} duplicates; no manifest written"
         )
     for name in files:
         files[name].sort(key=lambda f: f["path"])
