@@ -198,7 +198,13 @@ class TrainingConfig(Section):
     max_failures: int = Field(
         default=3, ge=0, description="worker-group restarts from the latest checkpoint before giving up"
     )
-    log_every: int = Field(default=1, ge=1, description="steps between ray.train.report calls")
+    report_every_s: float = Field(
+        default=10.0,
+        ge=0.0,
+        description="seconds between metric reports to Ray Train (checkpoints are always reported); each "
+        "report waits for the controller's poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so reporting "
+        "every step would pace a run at one step per poll. metrics.jsonl has every step regardless",
+    )
     # -- test hooks: leave unset in real runs
     stop_after_steps: int | None = Field(
         default=None, ge=1, description="tests: end the run cleanly after this step, as if interrupted"

@@ -253,7 +253,7 @@ def grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager
     return contextlib.nullcontext()
 
 
-def _all_reduce_sum(means: list[torch.Tensor], counts: list[int], device: torch.device) -> list[float]:
+def _all_reduce_sum(means: list[torch.Tensor], counts: list[float], device: torch.device) -> list[float]:
     """Sum over workers of this worker's metric values and counts, with one all-reduce and one sync."""
     values = (
         torch.stack([m.to(torch.float64) for m in means]) if means else torch.zeros(0, device=device)
@@ -390,6 +390,7 @@ def train(cfg: TrainingConfig, task: TrainTask) -> dict:
 
     batches = prefetched(task.batches(progress.position), task.prefetch)
     stopped = False
+    last_report = time.monotonic()
     try:
         while progress.step < cfg.steps:
             if cfg.stop_after_steps is not None and progress.step >= cfg.stop_after_steps:
@@ -438,21 +439,24 @@ def train(cfg: TrainingConfig, task: TrainTask) -> dict:
             progress.step += 1
 
             names = sorted(sums)
-            totals = _all_reduce_sum(
-                [sums[n] / cfg.grad_accumulation for n in names], [samples, tokens, slots], device
+            # Whether a metrics report is due is rank 0's clock, summed into the same all-reduce, so every
+            # rank reports at the same step: a report is a barrier across the workers.
+            report_due = rank == 0 and time.monotonic() - last_report >= cfg.report_every_s
+            *means, samples, tokens, slots, report_due = _all_reduce_sum(
+                [sums[n] / cfg.grad_accumulation for n in names], [samples, tokens, slots, report_due], device
             )
             elapsed = time.perf_counter() - started
             record = {
                 "step": progress.step,
                 "epoch": progress.position.epoch,
-                **{n: totals[i] / world for i, n in enumerate(names)},  # means over micro-batches and workers
+                **{n: means[i] / world for i, n in enumerate(names)},  # means over micro-batches and workers
                 "lr": lr,
                 "grad_norm": float(grad_norm),  # before clipping
-                "samples": int(totals[-3]),
-                "tokens": int(totals[-2]),
-                "padding": 1.0 - totals[-2] / max(totals[-1], 1.0),
-                "samples_per_s": totals[-3] / elapsed,
-                "tokens_per_s": totals[-2] / elapsed,
+                "samples": int(samples),
+                "tokens": int(tokens),
+                "padding": 1.0 - tokens / max(slots, 1.0),
+                "samples_per_s": samples / elapsed,
+                "tokens_per_s": tokens / elapsed,
                 "step_time_s": elapsed,
                 "data_time_s": data_time,
                 "session": progress.session,
@@ -465,10 +469,12 @@ def train(cfg: TrainingConfig, task: TrainTask) -> dict:
 
             if progress.step % cfg.checkpoint_every == 0 or progress.step == cfg.steps:
                 _save(progress, model, optimizer, scheduler, report, rank, world, task.config_hash)
+                last_report = time.monotonic()
                 if rank == 0 and task.metrics_dest is not None:
                     _upload_history(task.metrics_dest, progress.history)
-            elif progress.step % cfg.log_every == 0:
+            elif report_due:
                 ray.train.report(report)
+                last_report = time.monotonic()
     finally:
         if isinstance(batches, Prefetched):
             batches.close()

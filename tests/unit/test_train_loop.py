@@ -164,6 +164,27 @@ def test_stop_after_steps_ends_early_without_export(tmp_path):
     assert exported == {}
 
 
+@pytest.mark.parametrize(("every", "reported"), [(0.0, [1, 2, 3, 4, 5, 6]), (1e9, [6])])
+def test_metrics_reach_ray_train_at_the_configured_interval(every, reported, tmp_path, monkeypatch):
+    """Each report waits for the controller's poll, so metrics go to Ray Train every `report_every_s`
+    seconds, not every step; the last step's checkpoint is always reported, and metrics.jsonl has
+    every step either way."""
+    import ray.train
+
+    steps, real_report = [], ray.train.report
+
+    def recording_report(metrics, *args, **kwargs):
+        steps.append(metrics["step"])
+        return real_report(metrics, *args, **kwargs)
+
+    monkeypatch.setattr(ray.train, "report", recording_report)
+    dest = storage.resolve(str(tmp_path / "metrics.jsonl"))
+    task = loop.TrainTask(model=Toy(), model_step=toy_step, batches=toy_batches(4), metrics_dest=dest)
+    run_local(training(report_every_s=every), task, tmp_path)
+    assert steps == reported
+    assert len(storage.read_bytes(dest).decode().splitlines()) == 6
+
+
 def test_checkpoint_round_trip_continues_bit_for_bit(tmp_path):
     """4 steps straight == 2 steps, save, load into a fresh model and optimizer with a moved RNG, 2 steps.
     Dropout makes the RNG state part of what must come back."""
