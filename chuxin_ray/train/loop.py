@@ -13,6 +13,8 @@ then clip, optimizer and scheduler step. Every `checkpoint_every` steps and at t
 save a checkpoint (train/checkpoint.py) and hand it to `ray.train.report`; a restarted worker group
 (FailureConfig) or a rerun with the same run name loads the latest one through `ray.train.get_checkpoint()`
 and continues from its step and data position, so the run ends at `steps` optimizer steps in total.
+Between checkpoints, metrics go to `ray.train.report` every `report_every_s` seconds (rank 0's clock,
+agreed through the step's all-reduce), since each report waits for the controller's poll.
 """
 
 from __future__ import annotations
