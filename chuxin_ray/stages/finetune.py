@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 from torch import nn
@@ -46,6 +45,7 @@ from chuxin_ray import storage
 from chuxin_ray.config import Config, ConfigError, FinetuneConfig, StorageConfig, UnifiedConfig
 from chuxin_ray.data.pairs import PairFile, dataset_name, is_pair_file, read_pairs
 from chuxin_ray.data.row_ranges import InputFile
+from chuxin_ray.data.shards import write_parquet
 from chuxin_ray.losses.contrastive import ContrastiveLoss
 from chuxin_ray.losses.infonce import InfoNCELoss, upcast
 from chuxin_ray.ray_cluster import connect
@@ -179,10 +179,10 @@ def prepare_file(file: PairFile, out: storage.Location, group_size: int, need_sc
         if kept.num_rows:
             kept = kept.add_column(0, "dataset", pa.array([file.dataset] * kept.num_rows, pa.string()))
             written.append({"path": f"pairs/{name}", "rows": kept.num_rows})
-            _write_parquet(out.child("pairs", name), kept)
+            write_parquet(out.child("pairs", name), kept, row_group_size=BLOCK_ROWS)
         if bad.num_rows:
             quarantined.append(f"quarantine/{name}")
-            _write_parquet(out.child("quarantine", name), bad)
+            write_parquet(out.child("quarantine", name), bad, row_group_size=BLOCK_ROWS)
     return {
         "dataset": file.dataset,
         "uri": file.uri,
@@ -190,12 +190,6 @@ def prepare_file(file: PairFile, out: storage.Location, group_size: int, need_sc
         "quarantine": quarantined,
         "counts": counts,
     }
-
-
-def _write_parquet(loc: storage.Location, table: pa.Table) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", row_group_size=BLOCK_ROWS)
-    storage.write_bytes(loc, sink.getvalue())
 
 
 def prepare_pairs(plan: FinetunePlan) -> dict:

@@ -33,6 +33,7 @@ import torch
 from chuxin_ray import storage
 from chuxin_ray.config import Config, ConfigError, EncoderRuntime, MineConfig, StorageConfig
 from chuxin_ray.data.row_ranges import InputFile, RowRange, plan_ranges, read_range, stage_inputs
+from chuxin_ray.data.shards import write_parquet
 from chuxin_ray.llm.model_files import encoder_actors, inference_device
 from chuxin_ray.models.encoder import Encoder
 from chuxin_ray.ray_cluster import connect
@@ -213,9 +214,7 @@ class EmbedShards:
                 emb = self.embed(texts, section.query_max_length)
             table = table.append_column("embedding", embedding_array(emb))
             rel = f"embeddings/{kind}/{r.name}.parquet"
-            sink = pa.BufferOutputStream()
-            pq.write_table(table, sink, compression="zstd")
-            storage.write_bytes(out.child(rel), sink.getvalue())
+            write_parquet(out.child(rel), table)
             for name, value in zip(summary, (kind, shard, out.child(rel).path), strict=True):
                 summary[name].append(value)
         return pa.table(summary)

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 from chuxin_ray import storage
 from chuxin_ray.config import Config, SynthesizeConfig
 from chuxin_ray.data.row_ranges import InputFile, RowRange, plan_ranges, read_range, stage_inputs
+from chuxin_ray.data.shards import write_parquet
 from chuxin_ray.llm.calls import add_llm_answers, endpoint, retried_counts, vllm_processor_config
 from chuxin_ray.llm.prompts import cut, messages_for, parse_queries, pick_template
 from chuxin_ray.ray_cluster import connect
@@ -308,9 +308,7 @@ def _append(failed: dict, passage_id, source, reason, attempts, answer) -> None:
 
 def _write(out: storage.Location, rel: str, table: pa.Table) -> None:
     """A fixed name (unlike data.shards.write_shard): a redone shard replaces its own file."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    storage.write_bytes(out.child(rel), sink.getvalue())
+    write_parquet(out.child(rel), table)
 
 
 # --------------------------------------------------------------------------------------------------
