@@ -199,11 +199,12 @@ class TrainingConfig(Section):
         default=3, ge=0, description="worker-group restarts from the latest checkpoint before giving up"
     )
     report_every_s: float = Field(
-        default=10.0,
+        default=2.0,
         ge=0.0,
-        description="seconds between metric reports to Ray Train (checkpoints are always reported); each "
-        "report waits for the controller's poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so reporting "
-        "every step would pace a run at one step per poll. metrics.jsonl has every step regardless",
+        description="least seconds between a step's metrics going to Ray Train (checkpoints always do). A "
+        "report waits for the controller's poll of the worker (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s): "
+        "at the default none waits, while 0, every step, would pace the run at one step per poll. "
+        "metrics.jsonl has every step regardless",
     )
     # -- test hooks: leave unset in real runs
     stop_after_steps: int | None = Field(
