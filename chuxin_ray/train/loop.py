@@ -14,7 +14,9 @@ save a checkpoint (train/checkpoint.py) and hand it to `ray.train.report`; a res
 (FailureConfig) or a rerun with the same run name loads the latest one through `ray.train.get_checkpoint()`
 and continues from its step and data position, so the run ends at `steps` optimizer steps in total.
 Between checkpoints, metrics go to `ray.train.report` every `report_every_s` seconds (rank 0's clock,
-agreed through the step's all-reduce), since each report waits for the controller's poll.
+agreed through the step's all-reduce), since each report waits for the controller's poll. A checkpoint
+counts once the controller has collected it (its next poll, within 2 s): a worker group lost before then
+resumes from the checkpoint before it.
 """
 
 from __future__ import annotations
@@ -255,6 +257,11 @@ def grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager
     return contextlib.nullcontext()
 
 
+def controller_poll_s() -> float:
+    """How often Ray Train's controller collects the workers' reports (Ray's default: 2 s)."""
+    return float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"))
+
+
 def _all_reduce_sum(means: list[torch.Tensor], counts: list[float], device: torch.device) -> list[float]:
     """Sum over workers of this worker's metric values and counts, with one all-reduce and one sync."""
     values = (
@@ -428,6 +435,9 @@ def train(cfg: TrainingConfig, task: TrainTask) -> dict:
                 log.warning(
                     "rank %d: fail_at_step=%d: killing this worker (test hook)", rank, cfg.fail_at_step
                 )
+                # A reported checkpoint counts once the controller has collected it, at its next poll: die
+                # after that, so the checkpoint the run resumes from does not depend on timing.
+                time.sleep(2 * controller_poll_s())
                 os.kill(os.getpid(), signal.SIGKILL)
             if sparse_params:
                 all_reduce_rows(sparse_params)
