@@ -13,6 +13,8 @@ from chuxin_ray.models.cpu_dropout import (
     CpuDropout,
     CpuDropoutSelfAttention,
     bit_dropout,
+    keep_scale,
+    random_bits,
     use_cpu_dropout,
 )
 from chuxin_ray.models.tiny import tiny_xlmr_config
@@ -73,6 +75,40 @@ def test_training_drops_attention_like_dropout():
     torch.manual_seed(2)
     assert torch.equal(fast(**batch()).last_hidden_state, first)  # the mask follows torch's seed
     assert not torch.allclose(first, plain.train()(**batch()).last_hidden_state, atol=1e-3)
+
+
+def test_attention_dropout_equals_dropout_applied_to_the_probabilities():
+    """The optimised attention (scores scaled through q, the mask applied unscaled, probs @ v scaled)
+    against the plain definition, softmax(q k^T / sqrt(d) + mask) -> dropout -> @ v, with the same mask."""
+    _, fast = models(attention_dropout=0.3)
+    attention = fast.encoder.layer[0].attention.self.train()
+    hidden = torch.randn(6, 20, 32)  # (B, L, H*D)
+    additive = torch.zeros(6, 1, 20, 20)
+    additive[1, :, :, 12:] = torch.finfo(torch.float32).min  # row 1 has 12 real tokens
+    torch.manual_seed(5)
+    out, _ = attention(hidden, attention_mask=additive)
+
+    def heads(x):  # (B, L, H*D) -> (B, H, L, D)
+        return x.view(6, 20, 4, 8).transpose(1, 2)
+
+    q, k, v = (heads(layer(hidden)) for layer in (attention.query, attention.key, attention.value))
+    probs = (q @ k.transpose(-1, -2) / 8**0.5 + additive).softmax(-1)  # (B, H, L, L)
+    torch.manual_seed(5)
+    drop = random_bits(probs.shape, probs.device) < round(0.3 * 2**BITS)
+    expected = (probs.masked_fill(drop, 0.0) * keep_scale(0.3)) @ v  # (B, H, L, D)
+    torch.testing.assert_close(out, expected.transpose(1, 2).reshape(6, 20, 32), rtol=1e-5, atol=1e-6)
+
+
+def test_random_bits_are_15_uniform_bits_in_both_halves_of_a_draw():
+    torch.manual_seed(0)
+    bits = random_bits((999, 1001), torch.device("cpu"))  # an odd count: the last draw is half used
+    assert bits.shape == (999, 1001) and bits.dtype == torch.int16
+    flat = bits.flatten().long()
+    assert flat.min() >= 0 and flat.max() < 2**BITS
+    for half in (flat[0::2], flat[1::2]):  # the low and the high 16 bits of each int32
+        assert abs(half.float().mean().item() / (2**BITS - 1) - 0.5) < 0.003
+        assert abs((half < 2**BITS // 10).float().mean().item() - 0.1) < 0.002
+    assert not torch.equal(flat[0::2][:1000], flat[1::2][:1000])
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3])
