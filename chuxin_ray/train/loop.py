@@ -44,7 +44,7 @@ from chuxin_ray.config import ConfigError, TrainingConfig
 from chuxin_ray.train import checkpoint
 from chuxin_ray.train.data import DataPosition
 from chuxin_ray.train.prefetch import Prefetched, prefetched
-from chuxin_ray.train.sparse_rows import all_reduce_rows, leave_out_of_ddp
+from chuxin_ray.train.sparse_rows import all_reduce_rows, leave_out_of_ddp, sparse_lookup_grads, zero_grads
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,9 @@ class TrainTask:
     metrics_dest: storage.Location | None = None  # metrics.jsonl, rewritten at checkpoints and the end
     config_hash: str = ""
     prefetch: int = 0  # micro-batches made ahead in a thread (train/prefetch.py); 0: made on demand
-    # tables whose gradient is row-sparse (token embeddings): under DDP with >1 worker only the touched
-    # rows are all-reduced (train/sparse_rows.py); names as in `model`
+    # nn.Embedding tables whose gradient is row-sparse (token embeddings): under DDP their lookups add
+    # rows into a kept dense gradient, and with >1 worker only the touched rows are all-reduced
+    # (train/sparse_rows.py); names as in `model`
     sparse_grad_params: tuple[str, ...] = ()
 
 
@@ -389,9 +390,11 @@ def train(cfg: TrainingConfig, task: TrainTask) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
     model.train()
-    sparse_params = []
-    if task.sparse_grad_params and cfg.strategy == "ddp" and world > 1:
-        sparse_params = leave_out_of_ddp(model, task.sparse_grad_params)
+    sparse_tables, sparse_params = [], []
+    if task.sparse_grad_params and cfg.strategy == "ddp":
+        sparse_tables = sparse_lookup_grads(model, task.sparse_grad_params)
+        if world > 1:
+            sparse_params = leave_out_of_ddp(model, task.sparse_grad_params)
     model = wrap_model(model, cfg.strategy, device, task.shard_units)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(cfg.steps, cfg.warmup_ratio))
@@ -447,7 +450,7 @@ def train(cfg: TrainingConfig, task: TrainTask) -> dict:
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            zero_grads(optimizer, sparse_tables)
             progress.step += 1
 
             names = sorted(sums)

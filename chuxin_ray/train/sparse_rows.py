@@ -1,4 +1,14 @@
-"""Gradient all-reduce of an embedding table over the rows some rank touched, not the whole table.
+"""Token-embedding gradients as what they are, a few rows of a large table: accumulated and all-reduced
+by row.
+
+`sparse_lookup_grads`: by default every backward through an embedding lookup allocates a zeroed dense
+(V, H) gradient, scatters its rows into it, and autograd adds that to .grad: for XLM-R's 250,002 rows
+three passes over the whole table per lookup, and a contrastive step does two (queries, passages).
+Instead the lookups produce sparse gradients, added row by row into a dense .grad buffer that stays
+allocated and is zeroed in place between steps (`zero_grads`). The optimizer sees the same dense
+gradient (tests/unit/test_train_loop.py checks the trained weights against the plain path).
+
+Gradient all-reduce of an embedding table over the rows some rank touched, not the whole table.
 
 A contrastive step touches a few thousand of XLM-R's 250,002 token rows, yet DDP all-reduces the whole
 (V, H) gradient every step: 32 MB for a hidden size of 32, 1 GB for bge-m3's 1024. Here such tables
@@ -57,3 +67,28 @@ def all_reduce_rows(params: list[nn.Parameter]) -> int:
         grad.index_copy_(0, rows, values.div_(world))
         sent += len(rows)
     return sent
+
+
+def sparse_lookup_grads(model: nn.Module, names: tuple[str, ...]) -> list[nn.Parameter]:
+    """Make the nn.Embedding modules that own the named tables return sparse gradients and give each
+    table a zeroed dense .grad for them to add into. Returns the tables (see `zero_grads`)."""
+    params = dict(model.named_parameters())
+    tables = [params[name] for name in names]
+    owners = [
+        m for m in model.modules() if isinstance(m, nn.Embedding) and any(m.weight is t for t in tables)
+    ]
+    if len(owners) != len(tables):
+        raise ValueError(f"{names}: not each the weight of one nn.Embedding in {type(model).__name__}")
+    for module in owners:
+        module.sparse = True
+        module.weight.grad = torch.zeros_like(module.weight)
+    return tables
+
+
+def zero_grads(optimizer: torch.optim.Optimizer, kept: list[nn.Parameter]) -> None:
+    """optimizer.zero_grad(set_to_none=True), except that the `kept` parameters' dense buffers are
+    zeroed in place: a sparse gradient added to None would stay sparse, which AdamW refuses."""
+    buffers = [(param, param.grad) for param in kept]
+    optimizer.zero_grad(set_to_none=True)
+    for param, grad in buffers:
+        param.grad = grad.zero_()

@@ -156,6 +156,42 @@ def test_grad_accumulation_equals_one_large_batch(tmp_path):
         torch.testing.assert_close(accumulated[key], whole[key], rtol=1e-5, atol=1e-6)
 
 
+class LookupToy(nn.Module):
+    """Two lookups in one table per step, as queries and passages in a contrastive step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(100, DIM, padding_idx=1)
+        self.out = nn.Linear(2 * DIM, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = (x.abs() * 40).long() % 100  # (B, DIM) token ids, padding (1) among them
+        first, second = self.embed(ids[:, :3]).mean(1), self.embed(ids[:, 3:]).mean(1)  # (B, DIM) each
+        return self.out(torch.cat([first, second], -1)).squeeze(-1)  # (B,)
+
+
+def test_sparse_lookup_gradients_train_like_dense_ones(tmp_path):
+    """Token tables named in sparse_grad_params get sparse lookup gradients added into a kept dense
+    buffer: the same weights as the plain dense gradients, with accumulation and weight decay."""
+    exported = {}
+    for name, tables in (("dense", ()), ("sparse", ("embed.weight",))):
+        exported[name], model = {}, LookupToy()
+        task = loop.TrainTask(
+            model=model,
+            model_step=toy_step,
+            batches=toy_batches(4),
+            export=exported[name].update,
+            sparse_grad_params=tables,
+        )
+        run_local(training(grad_accumulation=2, weight_decay=0.1), task, tmp_path / name)
+        assert model.embed.sparse == bool(tables)
+    assert exported["sparse"].keys() == exported["dense"].keys()
+    for key, dense in exported["dense"].items():
+        torch.testing.assert_close(exported["sparse"][key], dense, rtol=1e-5, atol=1e-6, msg=key)
+    assert not torch.equal(exported["dense"]["embed.weight"], LookupToy().embed.weight.detach())
+
+
 def test_stop_after_steps_ends_early_without_export(tmp_path):
     exported = {}
     task = loop.TrainTask(model=Toy(), model_step=toy_step, batches=toy_batches(4), export=exported.update)
