@@ -42,19 +42,23 @@ def random_bits(shape: torch.Size | tuple[int, ...], device: torch.device) -> to
     return words.view(torch.int16)[:count].bitwise_and_(2**BITS - 1).view(shape)
 
 
+def drop_threshold(p: float) -> int:
+    """Elements whose random bits fall below this are dropped: p rounded to the mask's resolution."""
+    return round(p * 2**BITS)
+
+
 def keep_scale(p: float) -> float:
-    """1 / (1 - p) for p rounded to the mask's resolution: what keeps each element's expectation."""
-    threshold = round(p * 2**BITS)
-    return 2**BITS / (2**BITS - threshold)
+    """1 / (1 - p) for the p the mask draws at: what keeps each element's expectation."""
+    return 2**BITS / (2**BITS - drop_threshold(p))
 
 
 class BitDropout(torch.autograd.Function):
-    """Zero where 15 random bits < round(p * 2**15). `scaled`: times keep_scale(p), else the caller
+    """Zero where 15 random bits < drop_threshold(p). `scaled`: times keep_scale(p), else the caller
     scales something downstream (attention scales probs @ v rather than the probabilities)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float, scaled: bool = True) -> torch.Tensor:
-        drop = random_bits(x.shape, x.device) < round(p * 2**BITS)  # bool
+        drop = random_bits(x.shape, x.device) < drop_threshold(p)  # bool
         ctx.scale = keep_scale(p) if scaled else None
         ctx.save_for_backward(drop)
         out = torch.where(drop, x.new_zeros(()), x)  # a 0-d tensor: faster than the Python scalar 0.0

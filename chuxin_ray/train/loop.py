@@ -456,9 +456,9 @@ def train(cfg: TrainingConfig, task: TrainTask) -> dict:
             names = sorted(sums)
             # Whether a metrics report is due is rank 0's clock, summed into the same all-reduce, so every
             # rank reports at the same step: a report is a barrier across the workers.
-            report_due = rank == 0 and time.monotonic() - last_report >= cfg.report_every_s
-            *means, samples, tokens, slots, report_due = _all_reduce_sum(
-                [sums[n] / cfg.grad_accumulation for n in names], [samples, tokens, slots, report_due], device
+            due_here = float(rank == 0 and time.monotonic() - last_report >= cfg.report_every_s)
+            *means, samples, tokens, slots, due = _all_reduce_sum(
+                [sums[n] / cfg.grad_accumulation for n in names], [samples, tokens, slots, due_here], device
             )
             elapsed = time.perf_counter() - started
             record = {
@@ -487,7 +487,7 @@ def train(cfg: TrainingConfig, task: TrainTask) -> dict:
                 last_report = time.monotonic()
                 if rank == 0 and task.metrics_dest is not None:
                     _upload_history(task.metrics_dest, progress.history)
-            elif report_due:
+            elif due:
                 ray.train.report(report)
                 last_report = time.monotonic()
     finally:

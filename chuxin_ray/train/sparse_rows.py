@@ -1,9 +1,10 @@
 """Token-embedding gradients as what they are, a few rows of a large table: accumulated and all-reduced
 by row.
 
-`sparse_lookup_grads`: by default every backward through an embedding lookup allocates a zeroed dense
-(V, H) gradient, scatters its rows into it, and autograd adds that to .grad: for XLM-R's 250,002 rows
-three passes over the whole table per lookup, and a contrastive step does two (queries, passages).
+`sparse_lookup_grads`: by default every backward through an embedding lookup allocates a zero-filled
+dense (V, H) gradient, scatters its rows into it, and autograd adds that to .grad: for XLM-R's 250,002
+rows up to two passes over the whole table per lookup, and a contrastive step does two lookups
+(queries, passages).
 Instead the lookups produce sparse gradients, added row by row into a dense .grad buffer that stays
 allocated and is zeroed in place between steps (`zero_grads`). The optimizer sees the same dense
 gradient (tests/unit/test_train_loop.py checks the trained weights against the plain path).

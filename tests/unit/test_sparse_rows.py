@@ -1,5 +1,5 @@
-"""Row-sparse all-reduce of an embedding gradient (train/sparse_rows.py) against DDP's dense all-reduce,
-on 2 gloo ranks in spawned processes (rank 0 saves what both saw to a file)."""
+"""Sparse lookup gradients and the row-sparse all-reduce of an embedding (train/sparse_rows.py), together
+as the training loop runs them, against DDP's dense all-reduce, on 2 gloo ranks in spawned processes (rank 0 saves what both saw to a file)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from chuxin_ray.train.sparse_rows import all_reduce_rows, leave_out_of_ddp
+from chuxin_ray.train.sparse_rows import all_reduce_rows, leave_out_of_ddp, sparse_lookup_grads
 
 WORLD = 2
 VOCAB, DIM = 500, 6
@@ -38,7 +38,10 @@ def _batches(rank: int) -> list[torch.Tensor]:
 def _grads(model: nn.Module, sparse: bool, rank: int) -> tuple[dict, int]:
     torch.manual_seed(100 + rank)  # the ranks start apart: DDP's (or our) broadcast must align them
     inner = Bag()
-    params = leave_out_of_ddp(inner, ("embed.weight",)) if sparse else []
+    params = []
+    if sparse:  # as the training loop does: sparse lookup gradients, then the rows all-reduced
+        sparse_lookup_grads(inner, ("embed.weight",))
+        params = leave_out_of_ddp(inner, ("embed.weight",))
     ddp = nn.parallel.DistributedDataParallel(inner)
     first, last = _batches(rank)
     with ddp.no_sync():  # gradient accumulation: the first micro-batch is not synchronised

@@ -166,7 +166,7 @@ class LookupToy(nn.Module):
         self.out = nn.Linear(2 * DIM, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids = (x.abs() * 40).long() % 100  # (B, DIM) token ids, padding (1) among them
+        ids = (x.abs() * 40).long() % 100  # (B, DIM) token ids
         first, second = self.embed(ids[:, :3]).mean(1), self.embed(ids[:, 3:]).mean(1)  # (B, DIM) each
         return self.out(torch.cat([first, second], -1)).squeeze(-1)  # (B,)
 
@@ -174,6 +174,7 @@ class LookupToy(nn.Module):
 def test_sparse_lookup_gradients_train_like_dense_ones(tmp_path):
     """Token tables named in sparse_grad_params get sparse lookup gradients added into a kept dense
     buffer: the same weights as the plain dense gradients, with accumulation and weight decay."""
+    assert ((X.abs() * 40).long() % 100 == 1).any()  # the padding row is looked up (and gets no gradient)
     exported = {}
     for name, tables in (("dense", ()), ("sparse", ("embed.weight",))):
         exported[name], model = {}, LookupToy()
