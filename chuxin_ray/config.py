@@ -114,7 +114,12 @@ class IngestConfig(Section):
     output: str | None = Field(default=None, description="unset: <run.output>/ingest")
     rules: CleaningRules = CleaningRules()
     dedup: DedupConfig = DedupConfig()
-    read_batch_rows: int = Field(default=8192, ge=1, description="rows per block while reading")
+    read_batch_rows: int = Field(
+        default=32_768,
+        ge=1,
+        description="rows per block while reading; each block's kept rows are one data shard "
+        "(larger blocks: fewer, larger shards and fewer object-store requests)",
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,10 +6,10 @@ The texts never move for deduplication (see stages/ingest.py):
      `order` and where it sits (`shard`, `pos`). 32 bytes a row, against ~300 for the row itself.
      128 bits: at 1e9 texts a 64-bit hash would already merge two distinct texts with probability
      ~3%, 128 bits ~1e-21.
-  2. After `repartition(keys=[KEY])` every copy of a text sits in one partition, so `find_duplicates`
-     on a whole partition is global: of each group of equal keys the row with the lowest `order`
-     (first file, first row) stays, the others are returned as (shard, pos).
-  3. After `repartition(keys=[SHARD])`, `drop_rows` rewrites each shard that holds a duplicate.
+  2. The keys are split by KEY (`split_by`) into partitions, so every copy of a text sits in one
+     partition and `find_duplicates` on a whole partition is global: of each group of equal keys the
+     row with the lowest `order` (first file, first row) stays, the others are returned as (shard, pos).
+  3. Those are split by SHARD into groups, and `drop_rows` rewrites each shard that holds a duplicate.
 No worker ever holds every hash: each holds the keys of its own partitions.
 """
 
@@ -69,6 +69,22 @@ def find_duplicates(keys: pa.Table) -> pa.Table:
     return pa.table(
         [keys.column(SHARD).to_numpy()[repeat], keys.column(POS).to_numpy()[repeat]], schema=ROW_SCHEMA
     )
+
+
+def partition_of(values: np.ndarray, parts: int) -> np.ndarray:
+    """(n,) int64 in [0, parts) for (n,) int64 `values`: a multiplicative hash (Fibonacci hashing) of
+    each, so ids with structure (shard ids count blocks in their low bits) spread as evenly as keys."""
+    mixed = values.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # wraps mod 2**64
+    return ((mixed >> np.uint64(32)) % np.uint64(parts)).astype(np.int64)
+
+
+def split_by(table: pa.Table, column: str, parts: int) -> list[pa.Table]:
+    """`table`'s rows as `parts` tables, row i in table partition_of(column[i]); order kept within each."""
+    part = partition_of(table.column(column).to_numpy(), parts)  # (n,)
+    by_part = np.argsort(part, kind="stable")  # (n,)
+    bounds = np.searchsorted(part[by_part], np.arange(parts + 1))  # (parts + 1,)
+    table = table.take(by_part)
+    return [table.slice(start, end - start) for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def drop_rows(table: pa.Table, positions: np.ndarray) -> pa.Table:

@@ -35,6 +35,9 @@ def test_shards_lose_exactly_their_duplicates_and_a_retry_changes_nothing(tmp_pa
     again = drop_duplicates(duplicates, out).to_pylist()  # a retried task
     assert data_files(tmp_path) == state and sorted(again, key=str) == sorted(first, key=str)
 
+    assert drop_duplicates(ROW_SCHEMA.empty_table(), out).num_rows == 0  # a group without duplicates
+    assert data_files(tmp_path) == state
+
 
 def test_summary_accounts_for_every_row_or_refuses():
     a = shard_id(0, 0)
