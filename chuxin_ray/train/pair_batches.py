@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import torch
 
 from chuxin_ray.data.row_ranges import InputFile
+from chuxin_ray.models.sentencepiece_ids import SentencePieceIds, padded
 from chuxin_ray.train.data import PAD_MULTIPLE, DataPosition
 
 BLOCK_ROWS = 256  # rows per row group of the prepared pairs: the unit of a random read
@@ -233,28 +234,36 @@ class PairBatch:
 
 @dataclass
 class Tokenize:
-    """Queries (with their instruction) and passages -> padded id tensors."""
+    """Queries (with their instruction) and passages -> padded id tensors. An XLM-R tokenizer's ids
+    come from SentencePiece's encoder when it qualifies (models/sentencepiece_ids.py: the same ids,
+    ~10x faster on Chinese text); `sentencepiece=False` keeps the tokenizer's own path."""
 
     tokenizer: object
     query_max_length: int
     passage_max_length: int
     instruction: Callable[[Group], str]
+    sentencepiece: bool = True
+
+    def __post_init__(self):
+        self.fast = SentencePieceIds.for_tokenizer(self.tokenizer) if self.sentencepiece else None
+
+    def encode(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        if self.fast is not None:
+            return padded(self.fast.ids(texts, max_length), self.tokenizer.pad_token_id, PAD_MULTIPLE)
+        out = self.tokenizer(
+            texts,
+            max_length=max_length,
+            truncation=True,
+            padding="longest",
+            pad_to_multiple_of=PAD_MULTIPLE,
+            return_tensors="pt",
+            return_token_type_ids=False,
+        )
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
     def __call__(self, groups: list[Group]) -> tuple[dict, dict]:
-        def encode(texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-            out = self.tokenizer(
-                texts,
-                max_length=max_length,
-                truncation=True,
-                padding="longest",
-                pad_to_multiple_of=PAD_MULTIPLE,
-                return_tensors="pt",
-                return_token_type_ids=False,
-            )
-            return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
-
-        queries = encode([self.instruction(g) + g.query for g in groups], self.query_max_length)
-        passages = encode([p for g in groups for p in g.passages], self.passage_max_length)
+        queries = self.encode([self.instruction(g) + g.query for g in groups], self.query_max_length)
+        passages = self.encode([p for g in groups for p in g.passages], self.passage_max_length)
         return queries, passages
 
 
