@@ -100,6 +100,9 @@ def run(plan: TokenizePlan, cfg: Config) -> dict:
     connect(cfg.ray)
     section = plan.cfg
     ds = ray.data.read_parquet(plan.inputs, filesystem=plan.src.fs).select_columns(["id", "text"])
+    # Ray Data reserves each operator a share of the cluster; the tokenizer, the only heavy one, would
+    # get a fifth of it (one task at a time on 2 CPUs). Object-store backpressure still applies.
+    ds.context.op_resource_reservation_enabled = False
     # An actor works through one block at a time: blocks of a few batches keep every actor busy
     # (a shard read as one block would go to one actor, whatever the pool size).
     ds = ds.repartition(target_num_rows_per_block=4 * section.batch_size)
@@ -117,8 +120,10 @@ def run(plan: TokenizePlan, cfg: Config) -> dict:
             "stride": section.stride,
         },
     )
+    # The writer asks for half a CPU (it encodes and uploads) so that Ray Data does not fuse it with
+    # the tokenizer: fused, each task would take SHARD_ROWS texts, one task on a small corpus.
     summary = ds.map_batches(
-        write_tokens, batch_size=SHARD_ROWS, batch_format="pyarrow", fn_kwargs={"out": plan.out}
+        write_tokens, batch_size=SHARD_ROWS, batch_format="pyarrow", num_cpus=0.5, fn_kwargs={"out": plan.out}
     ).take_all()
 
     files = sorted(({"path": r["file"], "rows": r["rows"]} for r in summary), key=lambda f: f["path"])
