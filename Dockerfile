@@ -36,7 +36,8 @@ RUN pip install \
         "pydantic>=2.7,<3" \
         "pyyaml>=6" \
         "zstandard>=0.22" \
-        "tokenizers>=0.19"
+        "tokenizers>=0.19" \
+        "sentencepiece>=0.2"
 
 # The package itself; its dependencies are already in place, so pip changes nothing else.
 COPY --chown=1000:100 pyproject.toml README.md ./
