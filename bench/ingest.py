@@ -197,9 +197,8 @@ def main() -> None:
     from chuxin_ray.config import RayConfig
     from chuxin_ray.ray_cluster import connect
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s"
-    )  # the stages' progress
+    # the stages' progress lines (ingest: when pass 1 ends, how many shards were rewritten)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per S3 request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

@@ -29,8 +29,6 @@ import os
 import re
 import unicodedata
 
-import torch
-
 XLMR_SPECIALS = {"bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2, "unk_token_id": 3}
 # Whitespace (Python's \s includes U+3000 and the other Unicode spaces), C0/C1 controls, zero-width and
 # directional format characters, the byte-order mark, and "<" (special tokens are written <...>).
@@ -85,15 +83,3 @@ class SentencePieceIds:
             for i, ids in zip(rest, encoded["input_ids"], strict=True):
                 out[i] = ids
         return out
-
-
-def padded(ids: list[list[int]], pad_id: int, multiple: int) -> dict[str, torch.Tensor]:
-    """Right-padded (B, L) input_ids and attention_mask, L the longest rounded up to `multiple`."""
-    longest = max(map(len, ids), default=0)
-    length = -(-longest // multiple) * multiple
-    input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)  # (B, L)
-    attention_mask = torch.zeros((len(ids), length), dtype=torch.long)  # (B, L)
-    for row, seq in enumerate(ids):
-        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[row, : len(seq)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}

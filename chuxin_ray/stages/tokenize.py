@@ -100,11 +100,12 @@ def run(plan: TokenizePlan, cfg: Config) -> dict:
     connect(cfg.ray)
     section = plan.cfg
     ds = ray.data.read_parquet(plan.inputs, filesystem=plan.src.fs).select_columns(["id", "text"])
-    # Ray Data reserves each operator a share of the cluster; the tokenizer, the only heavy one, would
-    # get a fifth of it (one task at a time on 2 CPUs). Object-store backpressure still applies.
+    # Ray Data reserves each operator a share of the cluster: with five operators the tokenizer, the
+    # only heavy one, ran one task at a time on 2 CPUs (bench/ingest.py). Object-store backpressure
+    # still applies.
     ds.context.op_resource_reservation_enabled = False
-    # An actor works through one block at a time: blocks of a few batches keep every actor busy
-    # (a shard read as one block would go to one actor, whatever the pool size).
+    # A task tokenises one block: blocks of a few batches keep every core busy (a shard read as one
+    # block would go to one task, whatever the number of cores).
     ds = ds.repartition(target_num_rows_per_block=4 * section.batch_size)
     ds = ds.map_batches(
         tokenize_block,

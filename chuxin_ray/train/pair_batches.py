@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 import torch
 
 from chuxin_ray.data.row_ranges import InputFile
-from chuxin_ray.models.sentencepiece_ids import SentencePieceIds, padded
-from chuxin_ray.train.data import PAD_MULTIPLE, DataPosition
+from chuxin_ray.models.sentencepiece_ids import SentencePieceIds
+from chuxin_ray.train.data import PAD_MULTIPLE, DataPosition, pad_rows
 
 BLOCK_ROWS = 256  # rows per row group of the prepared pairs: the unit of a random read
 COLUMNS = ["dataset", "row", "query", "pos", "neg", "pos_scores", "neg_scores", "prompt"]
@@ -249,7 +249,11 @@ class Tokenize:
 
     def encode(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         if self.fast is not None:
-            return padded(self.fast.ids(texts, max_length), self.tokenizer.pad_token_id, PAD_MULTIPLE)
+            ids = pa.array(self.fast.ids(texts, max_length), pa.list_(pa.int32()))
+            input_ids, attention_mask = pad_rows(
+                ids, np.arange(len(ids)), max_length, self.tokenizer.pad_token_id
+            )
+            return {"input_ids": input_ids, "attention_mask": attention_mask}
         out = self.tokenizer(
             texts,
             max_length=max_length,

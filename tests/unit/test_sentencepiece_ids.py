@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from chuxin_ray import demo
-from chuxin_ray.models.sentencepiece_ids import SentencePieceIds, needs_fast_tokenizer, padded
+from chuxin_ray.models.sentencepiece_ids import SentencePieceIds, needs_fast_tokenizer
 from chuxin_ray.train.pair_batches import Group, Tokenize
 
 XLMR = Path(__file__).resolve().parents[2].parent / "shared" / "xlmr-tokenizer"
@@ -65,16 +65,23 @@ def test_repetitive_texts_where_segmentations_tie(xlmr):
     assert fast.ids(texts, 64) == want
 
 
-def test_padded_equals_the_fast_tokenizers_padding(xlmr):
-    tokenizer, fast = xlmr
-    texts = demo.people_daily()[:40]
-    want = tokenizer(
-        texts, max_length=96, truncation=True, padding="longest", pad_to_multiple_of=8, return_tensors="pt"
-    )
-    got = padded(fast.ids(texts, 96), tokenizer.pad_token_id, 8)
-    assert got["input_ids"].shape[1] % 8 == 0
-    assert torch.equal(got["input_ids"], want["input_ids"])
-    assert torch.equal(got["attention_mask"], want["attention_mask"])
+def test_padding_equals_the_fast_tokenizers(xlmr):
+    tokenizer, _ = xlmr
+    tokenize = Tokenize(tokenizer, 96, 96, lambda g: "")
+    assert tokenize.fast is not None
+    for texts in (demo.people_daily()[:40], ["中", "好的"]):  # truncated to 96; padded up to 8
+        want = tokenizer(
+            texts,
+            max_length=96,
+            truncation=True,
+            padding="longest",
+            pad_to_multiple_of=8,
+            return_tensors="pt",
+        )
+        got = tokenize.encode(texts, 96)
+        assert got["input_ids"].shape[1] % 8 == 0
+        assert torch.equal(got["input_ids"], want["input_ids"])
+        assert torch.equal(got["attention_mask"], want["attention_mask"])
 
 
 def test_only_plain_xlmr_tokenizers_qualify(xlmr, tmp_path):
