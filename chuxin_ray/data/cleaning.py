@@ -37,6 +37,9 @@ MARKUP_PATTERN = r"</?[a-zA-Z][^<>\n]{0,200}>|<!--.*?-->|&(?:[a-zA-Z]{2,8}|#\d{1
 MARKUP = re.compile(MARKUP_PATTERN)
 # Where str.splitlines() breaks a line.
 LINE_BREAK_RE2 = r"[\n\r\x{0b}\x{0c}\x{1c}-\x{1e}\x{85}\x{2028}\x{2029}]"
+LINE_BREAK_CODE_POINTS = np.array(
+    [c for c in range(0x3001) if len(f"a{chr(c)}a".splitlines()) > 1], dtype="<u4"
+)
 
 TOO_SHORT = "too_short"
 TOO_LONG = "too_long"
@@ -125,7 +128,7 @@ class RuleSet:
             ),
         }
         # Markup: the RE2 pattern only where a tag or entity can start.
-        maybe_markup = np.flatnonzero(_bools(pc.match_substring_regex(texts, "[<&]")))
+        maybe_markup = points.texts_with((points.cps == ord("<")) | (points.cps == ord("&")))
         if len(maybe_markup):
             some = texts.take(pa.array(maybe_markup, pa.int64()))
             removed = pc.utf8_length(pc.replace_substring_regex(some, MARKUP_PATTERN, ""))
@@ -134,7 +137,9 @@ class RuleSet:
             fails[MARKUP_RESIDUE][maybe_markup] = ratio > r.max_markup_ratio
         # Repeated lines need a set per text: Python, only for multi-line texts no earlier rule failed.
         earlier = fails[TOO_SHORT] | fails[TOO_LONG] | fails[LOW_CJK_RATIO] | fails[REPEATED_CHARS]
-        candidates = np.flatnonzero(~earlier & _bools(pc.match_substring_regex(texts, LINE_BREAK_RE2)))
+        multi_line = np.zeros(n, dtype=bool)
+        multi_line[points.texts_with(np.isin(points.cps, LINE_BREAK_CODE_POINTS))] = True
+        candidates = np.flatnonzero(~earlier & multi_line)
         for i, text in zip(candidates, texts.take(pa.array(candidates, pa.int64())).to_pylist(), strict=True):
             fails[REPEATED_LINES][i] = repeated_line_ratio(text) > r.max_repeated_line_ratio
         reasons = np.full(n, "", dtype=object)
@@ -148,28 +153,45 @@ class CodePoints:
 
     def __init__(self, texts: pa.Array):
         self.length = _ints(pc.utf8_length(texts))  # (n,)
-        self.cps = np.frombuffer("".join(texts.to_pylist()).encode("utf-32-le"), dtype="<u4")  # (C,)
+        offsets, data = string_bytes(texts)  # (n + 1,)
+        text = str(data[offsets[0] : offsets[-1]], "utf-8")  # every text at once, back to back
+        self.cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")  # (C,)
         self.starts = np.concatenate([[0], np.cumsum(self.length)[:-1]]).astype(np.int64)  # (n,)
 
     def count(self, mask: np.ndarray) -> np.ndarray:
         """(n,) per text: how many of its code points are set in `mask` (C,)."""
         if not len(self.cps):
             return np.zeros(len(self.length), dtype=np.int64)
-        # reduceat gives an empty text its neighbour's value (and cannot index past the end): zero them
-        sums = np.add.reduceat(mask.astype(np.int64), np.minimum(self.starts, len(self.cps) - 1))
-        return sums * (self.length > 0)
+        # reduceat gives an empty text its neighbour's value (and cannot index past the end): zero them.
+        # int32 sums straight from the bools where no count can pass 2**31.
+        dtype = np.int32 if len(self.cps) < 2**31 else np.int64
+        sums = np.add.reduceat(mask, np.minimum(self.starts, len(self.cps) - 1), dtype=dtype)
+        return sums.astype(np.int64) * (self.length > 0)
+
+    def texts_with(self, mask: np.ndarray) -> np.ndarray:
+        """(m,) ascending indices of the texts holding a code point set in `mask` (C,)."""
+        # an empty text starts where the next one does: side="right" picks the text that holds it
+        return np.unique(np.searchsorted(self.starts, np.flatnonzero(mask), side="right") - 1)
 
     def repeated_char_ratios(self, run: int) -> np.ndarray:
         """(n,) `repeated_char_ratio` of every text: maximal runs of one code point, as the greedy
         regex finds them."""
+        if run <= 1:  # every character is a run
+            return (self.length > 0).astype(np.float64)
         if not len(self.cps):
             return np.zeros(len(self.length))
-        new_run = np.zeros(len(self.cps), dtype=bool)  # (C,)
-        new_run[self.starts[self.length > 0]] = True  # a run starts at a text start ...
-        new_run[1:] |= self.cps[1:] != self.cps[:-1]  # ... or where the code point changes
-        run_id = np.cumsum(new_run) - 1  # (C,)
-        in_run = np.bincount(run_id)[run_id] >= run  # (C,) inside a run of >= `run`
-        return self.count(in_run) / np.maximum(self.length, 1)
+        # Runs of two or more are rare: work from the few code points that repeat the one before.
+        repeats = self.cps[1:] == self.cps[:-1]  # (C - 1,) repeats[i]: cps[i + 1] continues a run ...
+        inner = self.starts[(self.starts > 0) & (self.starts < len(self.cps))]
+        repeats[inner - 1] = False  # ... unless a text starts at i + 1
+        at = np.flatnonzero(repeats) + 1  # (r,) ascending; a run of L code points holds L - 1 of them
+        first = np.flatnonzero(np.diff(at, prepend=-2) != 1)  # (R,) where in `at` each run begins
+        lengths = np.diff(first, append=len(at)) + 1  # (R,) code points in each run
+        long = lengths >= run
+        text = np.searchsorted(self.starts, at[first[long]] - 1, side="right") - 1  # (L,) text of each
+        in_runs = np.zeros(len(self.length), dtype=np.int64)  # (n,)
+        np.add.at(in_runs, text, lengths[long])
+        return in_runs / np.maximum(self.length, 1)
 
 
 def in_ranges(cps: np.ndarray, ranges: tuple[tuple[int, int], ...]) -> np.ndarray:
@@ -177,6 +199,22 @@ def in_ranges(cps: np.ndarray, ranges: tuple[tuple[int, int], ...]) -> np.ndarra
     for low, high in ranges:
         mask |= (cps >= low) & (cps <= high)
     return mask
+
+
+def string_bytes(texts: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, memoryview]:
+    """(offsets, data) of a (non-null) string column without Python strings: text i is the UTF-8
+    bytes data[offsets[i]:offsets[i + 1]]. offsets is (n + 1,) int64; a sliced array's come
+    from its slice of the offsets buffer."""
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    if texts.null_count:
+        raise ValueError("null texts")
+    if not len(texts):
+        return np.zeros(1, dtype=np.int64), memoryview(b"")
+    _, offsets, data = texts.buffers()
+    offset_type = np.int64 if pa.types.is_large_string(texts.type) else np.int32
+    offsets = np.frombuffer(offsets, offset_type)[texts.offset : texts.offset + len(texts) + 1]  # (n + 1,)
+    return offsets.astype(np.int64), memoryview(data if data is not None else b"")
 
 
 def _bools(array: pa.Array) -> np.ndarray:
@@ -189,20 +227,22 @@ def _ints(array: pa.Array) -> np.ndarray:
 
 def apply_rules(table: pa.Table, rules: RuleSet) -> pa.Table:
     """Mark kept rows that fail a rule as dropped, with the rule as reason."""
-    outcome = np.asarray(table.column("outcome").to_pylist(), dtype=object)
-    kept = np.flatnonzero(outcome == "kept")
+    kept = np.flatnonzero(_bools(pc.equal(table.column("outcome"), "kept")))  # (k,)
     if len(kept) == 0:
         return table
     failed = np.asarray(
         rules.failing_rules(table.column("text").take(pa.array(kept)).combine_chunks()), dtype=object
     )
-    reason = np.asarray(table.column("reason").to_pylist(), dtype=object)
-    dropped = kept[failed != ""]
-    outcome[dropped], reason[dropped] = "dropped", failed[failed != ""]
-    table = table.set_column(
-        table.schema.get_field_index("outcome"), "outcome", pa.array(outcome, pa.string())
+    dropped = np.zeros(table.num_rows, dtype=bool)  # (n,)
+    dropped[kept[failed != ""]] = True
+    mask = pa.array(dropped)
+    reasons = pa.array(failed[failed != ""], pa.string())
+    outcome = pc.replace_with_mask(
+        table.column("outcome").combine_chunks(), mask, pa.array(["dropped"] * len(reasons), pa.string())
     )
-    return table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reason, pa.string()))
+    reason = pc.replace_with_mask(table.column("reason").combine_chunks(), mask, reasons)
+    table = table.set_column(table.schema.get_field_index("outcome"), "outcome", outcome)
+    return table.set_column(table.schema.get_field_index("reason"), "reason", reason)
 
 
 def normalize_for_dedup(texts: pa.Array, mode: str) -> pa.Array:

@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from chuxin_ray.data.cleaning import SPACE_RE2
+from chuxin_ray.data.cleaning import SPACE_CODE_POINTS, SPACE_RE2, string_bytes
 
 # One row per source record; outcome in {kept, quarantined, dropped, duplicate}.
 RECORD_SCHEMA = pa.schema(
@@ -153,6 +153,9 @@ def _unreadable(file: SourceFile, row: int, error: Exception) -> pa.Table:
 
 
 def _read_jsonl(file: SourceFile, batch_rows: int, fast: bool) -> Iterator[pa.Table]:
+    if fast:
+        yield from _read_jsonl_fast(file, batch_rows)
+        return
     compression = COMPRESSION.get(posixpath.splitext(file.path)[1].lower())
     block: list[tuple[int, bytes]] = []  # (line number, line) of non-blank lines
     lineno, error = 0, None
@@ -186,35 +189,136 @@ def _iter_lines(stream, chunk_bytes: int = 1 << 22) -> Iterator[tuple[int, bytes
         yield lineno + 1, pending.rstrip(b"\r")
 
 
+# What bytes.strip() strips: a line of only these is blank.
+_BLANK_BYTE = np.zeros(256, dtype=bool)
+_BLANK_BYTE[list(b" \t\n\r\x0b\x0c")] = True
+
+
+@dataclass
+class _Lines:
+    """Some consecutive-in-file lines of one decompressed read: line i is data[starts[i]:ends[i]]
+    (no "\\n"; a "\\r" before it stays) and is line number rows[i] of the file."""
+
+    data: bytes
+    starts: np.ndarray  # (k,) int64
+    ends: np.ndarray  # (k,) int64
+    rows: np.ndarray  # (k,) int64, 1-based
+
+    def __getitem__(self, which) -> _Lines:
+        return _Lines(self.data, self.starts[which], self.ends[which], self.rows[which])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _read_jsonl_fast(file: SourceFile, batch_rows: int) -> Iterator[pa.Table]:
+    """The same blocks, rows and errors as the plain path (`_iter_lines` + `parse_jsonl_block`),
+    with lines found by numpy in the decompressed bytes and not split into Python objects."""
+    compression = COMPRESSION.get(posixpath.splitext(file.path)[1].lower())
+    block: list[_Lines] = []  # the current block's non-blank lines, in pieces
+    size, lineno, error = 0, 0, None  # lines in block; lines read so far
+    try:
+        with file.fs.open_input_stream(file.path, compression=compression, buffer_size=1 << 23) as stream:
+            for lines in _iter_line_ranges(stream):
+                lineno = int(lines.rows[-1])
+                lines = lines[~_blank(lines)]
+                while len(lines):  # cut blocks of batch_rows non-blank lines
+                    piece, lines = lines[: batch_rows - size], lines[batch_rows - size :]
+                    block.append(piece)
+                    size += len(piece)
+                    if size == batch_rows:
+                        yield _parse_lines(block, file)
+                        block, size = [], 0
+    except READ_ERRORS as e:
+        error = e
+    if block:
+        yield _parse_lines(block, file)
+    if error is not None:
+        yield _unreadable(file, lineno + 1, error)
+
+
+def _iter_line_ranges(stream, chunk_bytes: int = 1 << 22) -> Iterator[_Lines]:
+    """The lines `_iter_lines` yields, read by read: each complete line of a read as soon as it
+    is read, and a last line with no "\\n" at the end."""
+    lineno = 0
+    pending = b""
+    while chunk := stream.read(chunk_bytes):
+        data = pending + chunk
+        ends = np.flatnonzero(np.frombuffer(data, np.uint8) == ord("\n"))  # (k,) where each line ends
+        if not len(ends):
+            pending = data
+            continue
+        starts = np.concatenate([[0], ends[:-1] + 1])  # (k,)
+        yield _Lines(data, starts, ends, np.arange(lineno + 1, lineno + 1 + len(ends)))
+        lineno += len(ends)
+        pending = data[ends[-1] + 1 :]
+    if pending:
+        yield _Lines(pending, np.array([0]), np.array([len(pending)]), np.array([lineno + 1]))
+
+
+def _blank(lines: _Lines) -> np.ndarray:
+    """(k,) bool: which lines are blank (`not line.strip()`). Only a line whose first byte is
+    whitespace can be (an empty line's first byte is its "\\n"), so only those are looked at."""
+    first = np.frombuffer(lines.data, np.uint8)[lines.starts]  # (k,) every start is < len(data)
+    blank = _BLANK_BYTE[first]  # (k,) maybe blank
+    for i in np.flatnonzero(blank):
+        blank[i] = not lines.data[lines.starts[i] : lines.ends[i]].strip()
+    return blank
+
+
+def _parse_lines(block: list[_Lines], file: SourceFile) -> pa.Table:
+    """`parse_jsonl_block` of the block's lines. When they are consecutive in the file (no blank
+    line between), their bytes go to pyarrow as they are; anything pyarrow does not read as good
+    records goes line by line, as on the plain path."""
+    rows = np.concatenate([piece.rows for piece in block])  # (n,)
+    if rows[-1] - rows[0] == len(rows) - 1:  # consecutive, so each piece is one byte range
+        data = b"\n".join(memoryview(p.data)[p.starts[0] : p.ends[-1]] for p in block)
+        if (table := _parse_block_fast(data, rows, file)) is not None:
+            return table
+        fast = False  # already failed on these bytes
+    else:
+        fast = True  # blank lines inside: the joined lines may still parse
+    lines = [
+        (row, piece.data[start:end].rstrip(b"\r"))
+        for piece in block
+        for row, start, end in zip(
+            piece.rows.tolist(), piece.starts.tolist(), piece.ends.tolist(), strict=True
+        )
+    ]
+    return parse_jsonl_block(lines, file, fast)
+
+
 def parse_jsonl_block(block: list[tuple[int, bytes]], file: SourceFile, fast: bool = True) -> pa.Table:
     """Records of a block of lines: pyarrow's C++ JSON parser when every line is a good record,
     else (or with fast=False) line by line in Python, which names what is wrong with each."""
-    if fast and (table := _parse_block_fast(block, file)) is not None:
-        return table
+    if fast:
+        data = b"\n".join(line for _, line in block)
+        table = _parse_block_fast(data, np.array([n for n, _ in block], dtype=np.int64), file)
+        if table is not None:
+            return table
     out = RecordBuilder(file)
     for lineno, line in block:
         parse_jsonl_line(line, lineno, file, out)
     return out.flush()
 
 
-def _parse_block_fast(block: list[tuple[int, bytes]], file: SourceFile) -> pa.Table | None:
-    """None whenever the block holds anything but good records, so the plain path decides."""
-    data = b"\n".join(line for _, line in block)
+def _parse_block_fast(data: bytes, rows: np.ndarray, file: SourceFile) -> pa.Table | None:
+    """The records of `data`, lines of JSON numbered `rows` (n,); None whenever they hold anything
+    but good records, so the plain path decides."""
     try:
         parsed = pajson.read_json(
             io.BytesIO(data),
             read_options=pajson.ReadOptions(use_threads=False, block_size=len(data) + 1),
             parse_options=pajson.ParseOptions(explicit_schema=pa.schema([(file.text_field, pa.string())])),
         )
-        if parsed.num_rows != len(block):  # e.g. two objects on one line
+        if parsed.num_rows != len(rows):  # e.g. two objects on one line
             return None
         text = parsed.column(file.text_field).combine_chunks()
         text.validate(full=True)  # pyarrow does not check UTF-8 inside strings
         ids = parsed.column(file.id_field).combine_chunks() if file.id_field else None
     except (pa.ArrowException, KeyError):
         return None
-    blank = pc.equal(pc.count_substring_regex(text, SPACE_RE2), pc.utf8_length(text))
-    if text.null_count or pc.any(blank).as_py():
+    if text.null_count or _any_blank(text):
         return None
     if ids is not None:
         # str and int ids only, as on the plain path (str(1) == "1"); floats and bools are wrong types
@@ -223,8 +327,26 @@ def _parse_block_fast(block: list[tuple[int, bytes]], file: SourceFile) -> pa.Ta
         ids = ids.cast(pa.string())
     else:
         ids = pa.array([record_id(file.source, t) for t in text.to_pylist()], pa.string())
-    rows = np.array([n for n, _ in block], dtype=np.int64)
     return _kept_table(file, rows, ids, text)
+
+
+# First UTF-8 bytes of the characters str.isspace() accepts: only a text starting with one can be blank.
+_SPACE_LEAD_BYTE = np.zeros(256, dtype=bool)
+_SPACE_LEAD_BYTE[[chr(c).encode("utf-8")[0] for c in SPACE_CODE_POINTS]] = True
+
+
+def _any_blank(text: pa.Array) -> bool:
+    """Whether any text is empty or only whitespace (`not text.strip()`), by RE2 on the few texts
+    that start with a whitespace character's first byte."""
+    offsets, data = string_bytes(text)  # (n + 1,)
+    starts, ends = offsets[:-1], offsets[1:]  # (n,)
+    if (starts == ends).any():
+        return True
+    maybe = np.flatnonzero(_SPACE_LEAD_BYTE[np.frombuffer(data, np.uint8)[starts]])  # (m,)
+    if not len(maybe):
+        return False
+    some = text.take(pa.array(maybe))
+    return pc.any(pc.equal(pc.count_substring_regex(some, SPACE_RE2), pc.utf8_length(some))).as_py()
 
 
 def _kept_table(file: SourceFile, rows: np.ndarray, ids: pa.Array, text: pa.Array) -> pa.Table:

@@ -113,3 +113,72 @@ def test_fast_path_equals_plain_path(blocklist):
         plain = [rule_set.first_failing_rule(t) for t in texts]
         assert fast == plain
         assert len(set(plain)) >= 5  # the texts exercise most rules
+
+
+def test_code_points_from_sliced_arrays_equal_python():
+    """CodePoints reads Arrow's buffers: sliced and chunked arrays and empty texts give what the
+    Python strings give, and each per-text measure equals its plain function."""
+    import numpy as np
+
+    from chuxin_ray import demo
+
+    texts = ["", "好好好好好", "好好好好好", "", "aa", "a", "a\n\na", ""] + demo.people_daily()[:300]
+    texts += ["好好", "", "好好好好好好好好", "", "", *ADVERSARIAL, "x"]
+    whole = pa.array(texts, pa.string())
+    arrays = [
+        whole,
+        whole.slice(1),
+        whole.slice(2, 5),
+        whole.slice(3, 1),
+        whole.slice(0, 0),
+        whole.slice(0, 1),
+    ]
+    arrays += [
+        pa.chunked_array([whole.slice(0, 100), whole.slice(100)]),
+        whole.cast(pa.large_string()).slice(2),
+    ]
+    rules = RuleSet(
+        CleaningRules(min_chars=0, repeat_run=2, max_repeated_char_ratio=0.0, max_markup_ratio=0.0)
+    )
+    for array in arrays:
+        plain = array.to_pylist()
+        points = cleaning.CodePoints(array)
+        assert np.array_equal(points.cps, np.frombuffer("".join(plain).encode("utf-32-le"), dtype="<u4"))
+        is_space = np.isin(points.cps, cleaning.SPACE_CODE_POINTS)
+        assert points.count(is_space).tolist() == [sum(c.isspace() for c in t) for t in plain]
+        for run in (1, 2, 3, 5):
+            ratios = points.repeated_char_ratios(run).tolist()
+            assert ratios == [cleaning.repeated_char_ratio(t, run) for t in plain]
+        assert points.texts_with(points.cps == ord("a")).tolist() == [
+            i for i, t in enumerate(plain) if "a" in t
+        ]
+        if not isinstance(array, pa.ChunkedArray):
+            assert rules.failing_rules(array) == [rules.first_failing_rule(t) for t in plain]
+
+
+def test_apply_rules_on_a_chunked_table():
+    texts = [NEWS, "短", None, "好" * 30 + NEWS, NEWS, "<p>" + NEWS + "</p>"]
+    outcome = ["kept", "kept", "quarantined", "kept", "dropped", "kept"]
+    reason = ["", "", "invalid_json", "", "too_short", ""]
+    table = pa.table({"text": texts, "outcome": outcome, "reason": reason})
+    chunked = pa.concat_tables([table.slice(0, 2), table.slice(2, 3), table.slice(5)])
+    rules = RuleSet(CleaningRules(min_chars=8, max_markup_ratio=0.05))
+    for t in (table, chunked):
+        out = apply_rules(t, rules)
+        assert out.schema == t.schema and out.column("text").equals(t.column("text"))
+        assert out.column("outcome").to_pylist() == [
+            "kept",
+            "dropped",
+            "quarantined",
+            "dropped",
+            "dropped",
+            "dropped",
+        ]
+        assert out.column("reason").to_pylist() == [
+            "",
+            cleaning.TOO_SHORT,
+            "invalid_json",
+            cleaning.REPEATED_CHARS,
+            "too_short",
+            cleaning.MARKUP_RESIDUE,
+        ]

@@ -150,3 +150,96 @@ def test_fast_jsonl_path_equals_plain_path(tmp_path):
         plain = pa.concat_tables(read_records(file, batch_rows=256, fast=False))
         assert fast.equals(plain)
         assert Counter(fast.column("outcome").to_pylist())["kept"] >= 3000
+
+
+def _good_lines(count, start=0):
+    from chuxin_ray import demo
+
+    texts = demo.people_daily()[start : start + count]
+    return [json.dumps({"id": f"p{i}", "text": t}, ensure_ascii=False).encode() for i, t in enumerate(texts)]
+
+
+GOOD = _good_lines(12)
+# Each case: the lines of a file, joined by "\n" unless they carry their own ending.
+EDGE_CASES = {
+    "exact_blocks": b"\n".join(GOOD) + b"\n",  # 12 lines: blocks of 3 and 4 end on the last line
+    "no_final_newline": b"\n".join(GOOD),
+    "crlf": b"\r\n".join(GOOD) + b"\r\n",
+    "crlf_no_final_newline": b"\r\n".join(GOOD) + b"\r",
+    "doubled_cr": b"\r\r\n".join(GOOD),
+    "blank_lines_at_edges": b"\n".join(
+        [b"", b" ", *GOOD[:3], b"", b"\t\r", *GOOD[3:8], b"\r", *GOOD[8:], b"", b""]
+    ),
+    "blank_lines_inside": b"\n".join([*GOOD[:2], b"", *GOOD[2:5], b"  \x0b\x0c ", *GOOD[5:]]),
+    "only_blank": b"\n\n \r\n\t",
+    "empty": b"",
+    "leading_space": b"\n".join([b"  " + line for line in GOOD[:5]] + [b"\t" + GOOD[5], *GOOD[6:]]),
+    "bad_line_in_block": b"\n".join([*GOOD[:5], LINES[2], *GOOD[5:9], LINES[3], *GOOD[9:]]),
+    "every_bad_line": b"\n".join(GOOD[:2] + LINES + GOOD[2:]),
+    "two_objects_on_a_line": b"\n".join([*GOOD[:4], GOOD[4] + b" " + GOOD[5], *GOOD[6:]]),
+    "unicode_space_texts": b"\n".join(
+        [
+            *GOOD[:4],
+            '{"id": "u1", "text": "\u3000\u3000人民日报"}'.encode(),  # starts with a space, not blank
+            '{"id": "u2", "text": "\u3000\u2028\u00a0 "}'.encode(),  # only spaces: empty_text
+            b'{"id": "u3", "text": ""}',
+            b'{"id": "u4", "text": "\\u3000\\t"}',  # escaped spaces
+            *GOOD[4:],
+        ]
+    ),
+    "mixed_id_types": b"\n".join([*GOOD[:5], b'{"id": 7, "text": "\xe5\xa5\xbd"}', *GOOD[5:]]),
+    "long_lines": b"\n".join(
+        _good_lines(6, start=100) + [json.dumps({"id": "l", "text": "长" * 3000}).encode()]
+    ),
+}
+CLEAN_CASES = (
+    "exact_blocks",
+    "no_final_newline",
+    "crlf",
+    "crlf_no_final_newline",
+    "doubled_cr",
+    "leading_space",
+)
+
+
+def _fast_and_plain(file, batch_rows):
+    fast = list(read_records(file, batch_rows, fast=True))
+    plain = list(read_records(file, batch_rows, fast=False))
+    assert len(fast) == len(plain)  # the same blocks ...
+    for f, p in zip(fast, plain, strict=True):
+        assert f.schema == p.schema == records.RECORD_SCHEMA
+        assert f.equals(p), (f.to_pylist(), p.to_pylist())  # ... with the same rows
+    return plain
+
+
+@pytest.mark.parametrize("case", EDGE_CASES)
+@pytest.mark.parametrize("read_bytes", [1 << 22, 64, 7])  # small reads: lines and blocks span reads
+def test_fast_jsonl_edge_cases_equal_plain_path(tmp_path, monkeypatch, case, read_bytes):
+    for reader in (records._iter_lines, records._iter_line_ranges):
+        monkeypatch.setattr(reader, "__defaults__", (read_bytes,))
+    for suffix, compress in ((".jsonl", bytes), (".jsonl.gz", gzip.compress)):
+        path = tmp_path / f"f{suffix}"
+        path.write_bytes(compress(EDGE_CASES[case]))
+        for id_field in ("id", None):
+            for batch_rows in (1, 3, 4, 5, 12, 1000):
+                _fast_and_plain(source(path, id_field=id_field, index=2), batch_rows)
+    if case in CLEAN_CASES:  # all good records: no line goes the plain way
+        monkeypatch.setattr(records, "parse_jsonl_line", None)
+        for batch_rows in (1, 5, 1000):
+            list(read_records(source(path, id_field="id"), batch_rows))
+
+
+@pytest.mark.parametrize("read_bytes", [1 << 22, 100])
+def test_fast_jsonl_corrupt_gzip_equals_plain_path(tmp_path, monkeypatch, read_bytes):
+    for reader in (records._iter_lines, records._iter_line_ranges):
+        monkeypatch.setattr(reader, "__defaults__", (read_bytes,))
+    data = gzip.compress(b"\n".join(_good_lines(400)) + b"\n")
+    for name, broken in (("garbage", data[:-12] + b"garbage!"), ("truncated", data[: len(data) // 2])):
+        path = tmp_path / f"{name}.jsonl.gz"
+        path.write_bytes(broken)
+        for batch_rows in (1, 7, 64, 1000):
+            out = pa.concat_tables(_fast_and_plain(source(path, id_field="id"), batch_rows)).to_pylist()
+            assert out[-1]["reason"] == "unreadable_file"
+            assert out[-1]["row"] == len(out)  # one past the last line read
+            if read_bytes == 100:
+                assert len(out) > 100  # rows read before the failure come first
