@@ -190,6 +190,12 @@ def delete_dir(loc: Location) -> None:
         loc.fs.delete_dir(loc.path)
 
 
+def delete_if_exists(loc: Location) -> None:
+    """Delete one file; nothing to do when it is not there (a retried task deleting again)."""
+    if exists(loc):
+        loc.fs.delete_file(loc.path)
+
+
 # --------------------------------------------------------------------------------------------------
 # Stage manifests
 # --------------------------------------------------------------------------------------------------

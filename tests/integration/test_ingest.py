@@ -228,3 +228,37 @@ def test_dedup_off_keeps_copies_and_config_change_is_a_conflict(corpus, s3_serve
     cfg.ingest.rules.min_chars = 30
     with pytest.raises(storage.OutputConflict, match="another config"):
         ingest.setup(cfg)
+
+
+def test_blocks_read_out_of_order_and_retried_still_keep_the_first_copies(
+    corpus, s3_server, ray_local, tmp_path
+):
+    """The stage's steps run by hand with the files in reverse order, so later copies claim their
+    texts first and are displaced, and with the first file read twice (a retried task), each step
+    as the stage runs it: the output is still the plain reference's."""
+    bucket, files, parquet_texts = corpus
+    plan = ingest.setup(make_config(tmp_path, s3_server, bucket, out="runs/reversed"))
+    mode = plan.cfg.dedup.normalize
+    claims = [ingest.KeyClaims.remote() for _ in range(2)]
+    tally = ingest.FileTally.remote()
+
+    def read(index: int) -> None:
+        batch = pa.table({"file": [index]})
+        assert not list(
+            ingest.read_and_clean(batch, plan.files, 1000, plan.cfg.rules, mode, claims, plan.out, tally)
+        )
+
+    for index in reversed(range(len(plan.files))):
+        read(index)
+    displaced = ray_local.get([c.all_displaced.remote() for c in claims])
+    assert sum(len(d.shard) for d in displaced) >= 60  # the news copies in reviews came first
+    read(len(plan.files) - 1)  # retried after its copies were displaced: it writes them no more
+    rewrites = ingest.drop_displaced(displaced, 3, plan.out, mode)
+    counts, written = ingest.summarize(ray_local.get(tally.results.remote()), rewrites)
+
+    kept, _, duplicates = plain_ingest(files, parquet_texts)
+    assert counts["duplicates"] == duplicates and counts["kept"] == len(kept)
+    data = read_table(plan.out, [f["path"] for f in written["data"]])
+    assert sorted(data.to_pylist(), key=lambda r: r["id"]) == sorted(kept, key=lambda r: r["id"])
+    on_disk = {f.path.rsplit("/", 1)[1] for f in storage.list_files(plan.out.child("data"))}
+    assert on_disk == {f["path"].rsplit("/", 1)[1] for f in written["data"]}  # nothing stale left
