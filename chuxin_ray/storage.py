@@ -103,6 +103,9 @@ def s3_filesystem(storage: StorageConfig) -> pafs.S3FileSystem:
     kwargs: dict[str, Any] = {
         "region": storage.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5),
+        # a file written whole before its first part fills (every shard here) goes up as one PUT,
+        # not a multipart upload's three requests; errors then surface on close, inside write_bytes
+        "allow_delayed_open": True,
     }
     if endpoint:
         ep = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
