@@ -25,6 +25,7 @@ Output: <out>/data/ (kept), <out>/quarantine/ (bad records with reason, file and
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -109,7 +110,6 @@ def run(plan: IngestPlan, cfg: Config) -> dict:
     started = time.time()
     connect(cfg.ray)
     section = plan.cfg
-    tally = FileTally.remote()
     n_bytes = sum(f.size for f in plan.files)
     log.info("%s: %d files, %.1f MB -> %s", STAGE, len(plan.files), n_bytes / 1e6, plan.out.uri)
 
@@ -119,7 +119,7 @@ def run(plan: IngestPlan, cfg: Config) -> dict:
             available_cpus(), math.ceil(n_bytes / PARTITION_BYTES)
         )
         claims = [KeyClaims.options(scheduling_strategy="SPREAD").remote() for _ in range(partitions)]
-    ray.data.from_items(
+    per_file = ray.data.from_items(
         [{"file": i} for i in range(len(plan.files))], override_num_blocks=len(plan.files)
     ).map_batches(
         read_and_clean,
@@ -132,9 +132,9 @@ def run(plan: IngestPlan, cfg: Config) -> dict:
             "dedup_mode": section.dedup.normalize,
             "claims": claims,
             "out": plan.out,
-            "tally": tally,
         },
-    ).materialize()  # reads, cleans, claims and writes; yields nothing
+    )
+    results = [json.loads(row["result"]) for row in per_file.take_all()]  # reads, cleans, claims, writes
     rewrites: list[dict] = []
     if claims is not None:
         displaced = ray.get([c.all_displaced.remote() for c in claims])
@@ -151,7 +151,7 @@ def run(plan: IngestPlan, cfg: Config) -> dict:
             len(rewrites),
             len(claims),
         )
-    counts, files = summarize(ray.get(tally.results.remote()), rewrites)
+    counts, files = summarize(results, rewrites)
 
     manifest = storage.stage_manifest(
         STAGE,
@@ -190,22 +190,6 @@ def main(cfg: Config, force: bool = False) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-@ray.remote(num_cpus=0)
-class FileTally:
-    """What each input file became, recorded where it was read: rows read (the independent side of
-    the invariant), rows by outcome and reason, and the shards written. Keyed by file, so a retried
-    read task replaces its entry rather than adding to it (and its shards have the same names)."""
-
-    def __init__(self):
-        self.files: dict[str, dict] = {}
-
-    def record(self, uri: str, result: dict) -> None:
-        self.files[uri] = result
-
-    def results(self) -> list[dict]:
-        return list(self.files.values())
-
-
 def shard_id(file_index: int, block: int) -> int:
     return (file_index << 24) + block
 
@@ -228,10 +212,11 @@ def read_and_clean(
     dedup_mode: str,
     claims: list | None,
     out: storage.Location,
-    tally,
 ):
     """Read whole files, clean them, claim their texts (when deduplicating) and write every block's
-    rows where they belong. Records what each file became in `tally`; yields nothing."""
+    rows where they belong. Yields one row per file: what it became (rows read, the independent side
+    of the invariant; rows by outcome and reason; the shards written), as JSON. A retried task's
+    shards have the same names, and Ray Data keeps the rows of one attempt only."""
     rule_set = RuleSet(rules)
     for index in batch.column("file").to_pylist():
         file = files[index]
@@ -243,8 +228,7 @@ def read_and_clean(
                 records = mark_duplicates(records, claims, shard, dedup_mode)
             write_block(out, records, shard, result)
         result["outcomes"] = [[o, r, n] for (o, r), n in result["outcomes"].items()]
-        ray.get(tally.record.remote(file.uri, result))
-    yield from ()
+        yield pa.table({"file": [file.uri], "result": [json.dumps(result)]})
 
 
 @ray.remote(num_cpus=0)

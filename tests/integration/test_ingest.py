@@ -240,13 +240,12 @@ def test_blocks_read_out_of_order_and_retried_still_keep_the_first_copies(
     plan = ingest.setup(make_config(tmp_path, s3_server, bucket, out="runs/reversed"))
     mode = plan.cfg.dedup.normalize
     claims = [ingest.KeyClaims.remote() for _ in range(2)]
-    tally = ingest.FileTally.remote()
+    results = {}  # file -> what it became, the last attempt's (as Ray Data keeps one attempt's rows)
 
     def read(index: int) -> None:
         batch = pa.table({"file": [index]})
-        assert not list(
-            ingest.read_and_clean(batch, plan.files, 1000, plan.cfg.rules, mode, claims, plan.out, tally)
-        )
+        for row in ingest.read_and_clean(batch, plan.files, 1000, plan.cfg.rules, mode, claims, plan.out):
+            results[row["file"][0].as_py()] = json.loads(row["result"][0].as_py())
 
     for index in reversed(range(len(plan.files))):
         read(index)
@@ -254,7 +253,7 @@ def test_blocks_read_out_of_order_and_retried_still_keep_the_first_copies(
     assert sum(len(d.shard) for d in displaced) >= 60  # the news copies in reviews came first
     read(len(plan.files) - 1)  # retried after its copies were displaced: it writes them no more
     rewrites = ingest.drop_displaced(displaced, 3, plan.out, mode)
-    counts, written = ingest.summarize(ray_local.get(tally.results.remote()), rewrites)
+    counts, written = ingest.summarize(list(results.values()), rewrites)
 
     kept, _, duplicates = plain_ingest(files, parquet_texts)
     assert counts["duplicates"] == duplicates and counts["kept"] == len(kept)
