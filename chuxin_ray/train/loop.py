@@ -44,7 +44,14 @@ from chuxin_ray.config import ConfigError, TrainingConfig
 from chuxin_ray.train import checkpoint
 from chuxin_ray.train.data import DataPosition
 from chuxin_ray.train.prefetch import Prefetched, prefetched
-from chuxin_ray.train.sparse_rows import all_reduce_rows, leave_out_of_ddp, sparse_lookup_grads, zero_grads
+from chuxin_ray.train.sparse_rows import (
+    SparseTables,
+    all_reduce_rows,
+    clip_grad_norm,
+    leave_out_of_ddp,
+    sparse_lookup_grads,
+    zero_grads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +397,8 @@ def train(cfg: TrainingConfig, task: TrainTask) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
     model.train()
-    sparse_tables, sparse_params = [], []
+    sparse_tables: SparseTables | None = None
+    sparse_params = []
     if task.sparse_grad_params and cfg.strategy == "ddp":
         sparse_tables = sparse_lookup_grads(model, task.sparse_grad_params)
         if world > 1:
@@ -443,8 +451,12 @@ def train(cfg: TrainingConfig, task: TrainTask) -> dict:
                 time.sleep(2 * controller_poll_s())
                 os.kill(os.getpid(), signal.SIGKILL)
             if sparse_params:
-                all_reduce_rows(sparse_params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                all_reduce_rows(sparse_params, sparse_tables)
+            max_norm = cfg.max_grad_norm or math.inf
+            if sparse_tables is not None:  # the same clipping, over the rows the step touched
+                grad_norm = clip_grad_norm(list(model.parameters()), max_norm, sparse_tables)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
                 grad_norm = grad_norm.full_tensor()
             lr = optimizer.param_groups[0]["lr"]

@@ -3,6 +3,8 @@ as the training loop runs them, against DDP's dense all-reduce, on 2 gloo ranks 
 
 from __future__ import annotations
 
+import copy
+import math
 import socket
 
 import pytest
@@ -11,7 +13,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from chuxin_ray.train.sparse_rows import all_reduce_rows, leave_out_of_ddp, sparse_lookup_grads
+from chuxin_ray.train.sparse_rows import (
+    all_reduce_rows,
+    clip_grad_norm,
+    leave_out_of_ddp,
+    sparse_lookup_grads,
+    zero_grads,
+)
 
 WORLD = 2
 VOCAB, DIM = 500, 6
@@ -38,16 +46,16 @@ def _batches(rank: int) -> list[torch.Tensor]:
 def _grads(model: nn.Module, sparse: bool, rank: int) -> tuple[dict, int]:
     torch.manual_seed(100 + rank)  # the ranks start apart: DDP's (or our) broadcast must align them
     inner = Bag()
-    params = []
+    params, tables = [], None
     if sparse:  # as the training loop does: sparse lookup gradients, then the rows all-reduced
-        sparse_lookup_grads(inner, ("embed.weight",))
+        tables = sparse_lookup_grads(inner, ("embed.weight",))
         params = leave_out_of_ddp(inner, ("embed.weight",))
     ddp = nn.parallel.DistributedDataParallel(inner)
     first, last = _batches(rank)
     with ddp.no_sync():  # gradient accumulation: the first micro-batch is not synchronised
         ddp(first).backward()
     ddp(last).backward()
-    sent = all_reduce_rows(params) if sparse else 0
+    sent = all_reduce_rows(params, tables) if sparse else 0
     return {name: p.grad.clone() for name, p in inner.named_parameters()}, sent
 
 
@@ -97,3 +105,34 @@ def test_only_touched_rows_are_sent(ranks):
 def test_unknown_names_fail_before_any_collective():
     with pytest.raises(ValueError, match="no parameters named"):
         leave_out_of_ddp(Bag(), ("embeddings.word_embeddings.weight",))
+
+
+def test_clipping_and_zeroing_by_touched_rows_equal_the_plain_path():
+    """One process: two micro-batches of sparse lookups; the norm, the clipped gradients and the
+    zeroed buffers equal torch's clip_grad_norm_ and zero_grad on a copy with dense gradients."""
+    torch.manual_seed(0)
+    plain = Bag()
+    model = copy.deepcopy(plain)
+    tables = sparse_lookup_grads(model, ("embed.weight",))
+    batches = _batches(0) + _batches(1)
+    for ids in batches:
+        plain(ids).backward()
+        model(ids).backward()
+    touched = tables.touched(model.embed.weight)
+    nonzero = model.embed.weight.grad.ne(0).any(dim=1).nonzero().squeeze(1)
+    assert set(nonzero.tolist()) <= set(touched.tolist()) == set(torch.cat(batches).flatten().tolist())
+
+    for max_norm in (math.inf, 1e-3):  # not clipping, then clipping (the norm is well above 1e-3)
+        want = torch.nn.utils.clip_grad_norm_(list(plain.parameters()), max_norm)
+        got = clip_grad_norm(list(model.parameters()), max_norm, tables)
+        torch.testing.assert_close(got, want)
+        for (name, a), b in zip(model.named_parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
+    assert want > 1e-2
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    buffer = model.embed.weight.grad
+    zero_grads(optimizer, tables)
+    assert model.embed.weight.grad is buffer and not buffer.any()  # kept, zeroed
+    assert model.head.weight.grad is None
+    assert len(tables.touched(model.embed.weight)) == 0  # the next step starts with no rows
