@@ -36,7 +36,6 @@ SPACE_RE2 = r"[\t-\r\x{1c}-\x{1f} \x{85}\p{Z}]"
 MARKUP_PATTERN = r"</?[a-zA-Z][^<>\n]{0,200}>|<!--.*?-->|&(?:[a-zA-Z]{2,8}|#\d{1,7}|#x[0-9a-fA-F]{1,6});"
 MARKUP = re.compile(MARKUP_PATTERN)
 # Where str.splitlines() breaks a line.
-LINE_BREAK_RE2 = r"[\n\r\x{0b}\x{0c}\x{1c}-\x{1e}\x{85}\x{2028}\x{2029}]"
 LINE_BREAK_CODE_POINTS = np.array(
     [c for c in range(0x3001) if len(f"a{chr(c)}a".splitlines()) > 1], dtype="<u4"
 )

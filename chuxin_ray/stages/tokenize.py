@@ -113,9 +113,9 @@ def run(plan: TokenizePlan, cfg: Config) -> dict:
         num_cpus=0.5,
         fn_kwargs={"fs": plan.src.fs, "rows_per_block": 4 * section.batch_size},
     )
-    # Ray Data reserves each operator a share of the cluster: with five operators the tokenizer, the
-    # only heavy one, ran one task at a time on 2 CPUs (bench/ingest.py). Object-store backpressure
-    # still applies.
+    # Ray Data reserves each operator a share of the cluster: with several operators the tokenizer,
+    # the only heavy one, ran one task at a time on 2 CPUs (bench/ingest.py). Object-store
+    # backpressure still applies.
     ds.context.op_resource_reservation_enabled = False
     ds = ds.map_batches(
         tokenize_block,
