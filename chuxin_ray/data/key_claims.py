@@ -12,7 +12,8 @@ So the survivor is the first copy in corpus order whatever order the blocks run 
 holding a displaced copy are written twice. Blocks run roughly in corpus order, so that is rare.
 
 The table is open addressing with linear probing over numpy arrays, claimed a whole block at a time:
-32 bytes a slot, at most half the slots used.
+32 bytes a slot, at most half the slots used. `KeyClaims` is the Ray actor that holds one partition's
+table; it lives here, not in stages/ingest.py, so that starting one imports numpy and Ray only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import ray
 
 EMPTY = -1  # `order` of an unused slot (orders are >= 0)
 MAX_LOAD = 0.5
@@ -121,3 +123,17 @@ class ClaimTable:
         return Displaced(
             *(np.concatenate([getattr(d, f) for d in self.displaced]) for f in ("shard", "high", "low"))
         )
+
+
+@ray.remote(num_cpus=0)
+class KeyClaims:
+    """One hash partition of the ingest stage's dedup keys and the copy that owns each."""
+
+    def __init__(self):
+        self.table = ClaimTable()
+
+    def claim(self, high: np.ndarray, low: np.ndarray, order: np.ndarray, shard: int) -> np.ndarray:
+        return self.table.claim(high, low, order, shard)
+
+    def all_displaced(self) -> Displaced:
+        return self.table.all_displaced()

@@ -42,7 +42,7 @@ from chuxin_ray import storage
 from chuxin_ray.config import Config, ConfigError, IngestConfig
 from chuxin_ray.data import dedup
 from chuxin_ray.data.cleaning import RuleSet, apply_rules
-from chuxin_ray.data.key_claims import ClaimTable, Displaced
+from chuxin_ray.data.key_claims import Displaced, KeyClaims
 from chuxin_ray.data.records import SourceFile, detect_format, read_records, source_name
 from chuxin_ray.data.shards import write_shard
 from chuxin_ray.ray_cluster import available_cpus, connect
@@ -229,20 +229,6 @@ def read_and_clean(
             write_block(out, records, shard, result)
         result["outcomes"] = [[o, r, n] for (o, r), n in result["outcomes"].items()]
         yield pa.table({"file": [file.uri], "result": [json.dumps(result)]})
-
-
-@ray.remote(num_cpus=0)
-class KeyClaims:
-    """One hash partition of the stage's dedup keys and the copy that owns each (data/key_claims.py)."""
-
-    def __init__(self):
-        self.table = ClaimTable()
-
-    def claim(self, high: np.ndarray, low: np.ndarray, order: np.ndarray, shard: int) -> np.ndarray:
-        return self.table.claim(high, low, order, shard)
-
-    def all_displaced(self) -> Displaced:
-        return self.table.all_displaced()
 
 
 def mark_duplicates(records: pa.Table, claims: list, shard: int, mode: str) -> pa.Table:

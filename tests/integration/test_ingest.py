@@ -22,6 +22,7 @@ import zstandard
 from chuxin_ray import demo, storage
 from chuxin_ray.config import CleaningRules, load_config
 from chuxin_ray.data.cleaning import RuleSet, normalize_text
+from chuxin_ray.data.key_claims import KeyClaims
 from chuxin_ray.data.records import record_id
 from chuxin_ray.data.shards import read_table
 from chuxin_ray.stages import ingest
@@ -239,7 +240,7 @@ def test_blocks_read_out_of_order_and_retried_still_keep_the_first_copies(
     bucket, files, parquet_texts = corpus
     plan = ingest.setup(make_config(tmp_path, s3_server, bucket, out="runs/reversed"))
     mode = plan.cfg.dedup.normalize
-    claims = [ingest.KeyClaims.remote() for _ in range(2)]
+    claims = [KeyClaims.remote() for _ in range(2)]
     results = {}  # file -> what it became, the last attempt's (as Ray Data keeps one attempt's rows)
 
     def read(index: int) -> None:
