@@ -14,7 +14,8 @@ ratios 0.3 / 0.5, AdamW, one process on CPU, `--threads` torch threads. A step s
 each side's tokenisation and collation are inside the timing: upstream's collator tokenises and builds
 per-sample masks in Python; ours tokenises the batch with the Rust tokenizer, pads (train/data.pad_rows)
 and masks with tensor ops (models/masking.py), then runs RetroMAE with LM logits only at labelled rows,
-`--chunk` rows at a time.
+`--chunk` rows at a time, the projection's gradients computed chunk by chunk in the forward pass
+(losses/masked_lm.py; `--chunk 0`: the plain autograd path).
 
 Memory: upstream builds full (B, L, V) logits twice (encoder and decoder) plus their log-softmax:
 16 x 512 x 250,002 fp32 is 8.2 GB per tensor, ~33 GB at the issue's settings, more than a 24 GB machine
@@ -262,7 +263,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps, after --warmup untimed ones")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--chunk", type=int, default=2048, help="our LM-head rows per chunk; 0: no chunking")
+    parser.add_argument(
+        "--chunk", type=int, default=4096, help="our lm_head_chunk_size (the config's default); 0: plain path"
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="the model's shape")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")

@@ -253,9 +253,10 @@ class PretrainConfig(Section):
     encoder_weight: float = Field(default=1.0, ge=0.0, description="loss = w_e * encoder MLM + w_d * decoder")
     decoder_weight: float = Field(default=1.0, ge=0.0)
     lm_head_chunk_size: int | None = Field(
-        default=None,
+        default=4096,
         ge=1,
-        description="rows per LM-head chunk; set with a 250k vocabulary to cap logit memory",
+        description="rows of LM-head logits at a time (rows x vocabulary x 4 bytes alive at once); an "
+        "XLM-R/BERT head computes its gradients chunk by chunk in the forward pass; null: the plain path",
     )
     training: TrainingConfig
 

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 
-from chuxin_ray.losses.masked_lm import IGNORE_INDEX, masked_lm_loss
+from chuxin_ray.losses.masked_lm import IGNORE_INDEX, SplitHead, masked_lm_loss, split_lm_head
 
 
 class RetroMAEOutput(NamedTuple):
@@ -138,6 +138,11 @@ class RetroMAE(nn.Module):
         self.encoder_weight = encoder_weight
         self.decoder_weight = decoder_weight
         self.lm_head_chunk_size = lm_head_chunk_size
+        # Where the head's transform and vocabulary projection are, so chunked heads need no recompute
+        # (losses/masked_lm.py); None for a head of unknown layout. A layout name, not modules: a copy
+        # of this model must use its own head.
+        split = split_lm_head(self.lm_head)
+        self._head_layout = split.layout if split is not None else None
         with torch.random.fork_rng(devices=[], enabled=decoder_seed is not None):
             if decoder_seed is not None:
                 torch.manual_seed(decoder_seed)
@@ -156,6 +161,9 @@ class RetroMAE(nn.Module):
     @property
     def lm_head(self) -> nn.Module:
         return getattr(self.lm, self._head_name)
+
+    def _loss_head(self) -> nn.Module | SplitHead:
+        return self.lm_head if self._head_layout is None else SplitHead(self.lm_head, self._head_layout)
 
     def position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Position ids as the encoder's embeddings compute them: (B, L)."""
@@ -183,9 +191,8 @@ class RetroMAE(nn.Module):
         encoder_hidden = self.encoder(
             input_ids=encoder_input_ids, attention_mask=attention_mask
         ).last_hidden_state  # (B, L, H)
-        encoder_loss = masked_lm_loss(
-            encoder_hidden, encoder_labels, self.lm_head, self.lm_head_chunk_size
-        )  # ()
+        head = self._loss_head()
+        encoder_loss = masked_lm_loss(encoder_hidden, encoder_labels, head, self.lm_head_chunk_size)  # ()
 
         sentence = encoder_hidden[:, :1]  # (B, 1, H)
         query = sentence + self.embeddings.position_embeddings(self.position_ids(input_ids))  # (B, L, H)
@@ -193,7 +200,7 @@ class RetroMAE(nn.Module):
         token_embeddings = self.embeddings(input_ids=input_ids)  # (B, L, H)
         context = torch.cat([sentence, token_embeddings[:, 1:]], dim=1)  # (B, L, H)
         decoded = self.decoder(query, context, decoder_attention_mask)  # (B, L, H)
-        decoder_loss = masked_lm_loss(decoded, decoder_labels, self.lm_head, self.lm_head_chunk_size)  # ()
+        decoder_loss = masked_lm_loss(decoded, decoder_labels, head, self.lm_head_chunk_size)  # ()
 
         return RetroMAEOutput(
             loss=self.encoder_weight * encoder_loss + self.decoder_weight * decoder_loss,

@@ -7,6 +7,7 @@ position by position in Python, and attention computed query by query over the v
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -185,7 +186,7 @@ def assert_same_loss_and_grads(
 # init_std 0.1, not BERT's 0.02: at 0.02 attention is nearly uniform and the loss moves by only ~1e-5
 # when a query sees itself; gradients catch it either way.
 @pytest.mark.parametrize("family", ["xlmr", "bert"])
-@pytest.mark.parametrize("chunk_size", [None, 5])
+@pytest.mark.parametrize("chunk_size", [None, 2, 5])  # 2: both heads chunked (LinearCrossEntropy)
 def test_loss_and_gradients_match_plain_reference(family: str, chunk_size: int | None):
     model = RetroMAE(tiny_lm(family, init_std=0.1), lm_head_chunk_size=chunk_size, decoder_seed=0).eval()
     ids, attention_mask = fixed_ids()
@@ -270,6 +271,19 @@ def test_training_reduces_loss():
     # progress from ln 64 = 4.16); the margins leave room for other CPUs' float rounding.
     assert last[0] < 0.85 * first[0], losses
     assert (last[1:] < 0.9 * first[1:]).all(), losses
+
+
+def test_a_copied_model_chunks_its_own_head():
+    """The chunked head is found by layout at each forward, so a deep copy uses the copy's parameters."""
+    model = RetroMAE(tiny_lm("xlmr", init_std=0.1), lm_head_chunk_size=2, decoder_seed=0).eval()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.lm.lm_head.dense.weight.mul_(3.0)
+    batch = masked_batch(*fixed_ids(), seed=1)
+    chunked = twin(**batch).loss
+    twin.lm_head_chunk_size = None
+    torch.testing.assert_close(chunked, twin(**batch).loss)
+    assert abs(chunked - model(**batch).loss) > 1e-3
 
 
 def test_save_encoder_loads_with_automodel(tmp_path):

@@ -46,7 +46,8 @@ def micro_batch(rank: int, step: int, micro: int) -> dict[str, torch.Tensor]:
 
 
 def fresh_model() -> RetroMAE:
-    return RetroMAE(build_tiny_masked_lm(tiny_xlmr_config(VOCAB, dropout=0.0), seed=0), decoder_seed=0)
+    lm = build_tiny_masked_lm(tiny_xlmr_config(VOCAB, dropout=0.0), seed=0)
+    return RetroMAE(lm, lm_head_chunk_size=8, decoder_seed=0)  # chunked: LinearCrossEntropy under FSDP
 
 
 def train(strategy: str, rank: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
