@@ -43,12 +43,16 @@ class RowRange:
         return f"shard-{self.shard:05d}"
 
 
-def stage_inputs(src: storage.Location, key: str, folder: str = "data") -> list[InputFile]:
-    """The files (with row counts) of a complete stage output, or every Parquet file below a plain
-    folder (row counts from the footers). `key` names the config key in errors."""
+def listed_files(
+    src: storage.Location, key: str, folder: str = "data", what: str = "Parquet files", producer: str = ""
+) -> tuple[list[str], list[int] | None]:
+    """Filesystem paths of a complete stage output's `folder` files, with the row counts its manifest
+    lists; or every Parquet file below a plain folder, with no counts (None). `key` names the config key
+    in errors, `what` the files and `producer` the stage that writes them."""
     manifest = storage.read_manifest(src)
     if manifest is not None:
-        return [InputFile(src.child(f["path"]).path, int(f["rows"])) for f in manifest["files"][folder]]
+        entries = manifest["files"][folder]
+        return [src.child(f["path"]).path for f in entries], [int(f["rows"]) for f in entries]
     if storage.exists(src.child(storage.MANIFEST)):
         raise ConfigError(f"{key}: {src.uri} is an incomplete stage output; rerun the stage that writes it")
     try:
@@ -56,12 +60,21 @@ def stage_inputs(src: storage.Location, key: str, folder: str = "data") -> list[
     except storage.StorageError:
         files = []
     if not files:
-        raise ConfigError(f"{key}: no Parquet files at {src.uri}; run the stage before or set {key}")
-    out = []
-    for info in files:
-        with src.fs.open_input_file(info.path) as f:
-            out.append(InputFile(info.path, pq.ParquetFile(f).metadata.num_rows))
-    return out
+        run = f"run {producer} first" if producer else "run the stage before"
+        raise ConfigError(f"{key}: no {what} at {src.uri}; {run} or set {key}")
+    return [f.path for f in files], None
+
+
+def stage_inputs(src: storage.Location, key: str, folder: str = "data") -> list[InputFile]:
+    """The files with row counts of a complete stage output, or every Parquet file below a plain
+    folder (row counts from the footers). `key` names the config key in errors."""
+    paths, rows = listed_files(src, key, folder)
+    if rows is None:
+        rows = []
+        for path in paths:
+            with src.fs.open_input_file(path) as f:
+                rows.append(pq.ParquetFile(f).metadata.num_rows)
+    return [InputFile(path, n) for path, n in zip(paths, rows, strict=True)]
 
 
 def plan_ranges(files: list[InputFile], shard_rows: int) -> list[RowRange]:

@@ -29,7 +29,7 @@ import pyarrow as pa
 import torch
 
 from chuxin_ray import storage
-from chuxin_ray.config import ConfigError
+from chuxin_ray.data.row_ranges import listed_files
 
 PAD_MULTIPLE = 8  # tensor cores want sequence lengths in multiples of 8 (bf16)
 ROW_COLUMNS = ("input_ids", "length")
@@ -81,18 +81,7 @@ class TokenBatch:
 def token_shards(src: storage.Location, key: str) -> list[str]:
     """Filesystem paths of the token-id Parquet shards a complete stage manifest lists, else every
     Parquet file below `src`. `key` names the config key in errors."""
-    manifest = storage.read_manifest(src)
-    if manifest is not None:
-        return [src.child(f["path"]).path for f in manifest["files"]["data"]]
-    if storage.exists(src.child(storage.MANIFEST)):
-        raise ConfigError(f"{key}: {src.uri} is an incomplete stage output; rerun the stage that writes it")
-    try:
-        files = storage.list_files(src, (".parquet",))
-    except storage.StorageError:
-        files = []
-    if not files:
-        raise ConfigError(f"{key}: no token-id Parquet files at {src.uri}; run `tokenize` first or set {key}")
-    return [f.path for f in files]
+    return listed_files(src, key, what="token-id Parquet files", producer="`tokenize`")[0]
 
 
 def bucket_order(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
