@@ -110,14 +110,15 @@ class LinearCrossEntropy(torch.autograd.Function):
             total = torch.zeros((), dtype=torch.float32, device=rows.device)
             for start in range(0, x.shape[0], chunk_size):
                 xc, tc = x[start : start + chunk_size], targets[start : start + chunk_size]  # (n, H), (n,)
-                logits = F.linear(xc, w, b).float()  # (n, V)
-                lse = torch.logsumexp(logits, dim=1)  # (n,)
-                total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-                grad_logits = logits.sub_(lse[:, None]).exp_()  # (n, V) softmax, in place
+                # One fused kernel from the dtype's logits to fp32 log-probabilities, then the softmax in
+                # place: the fewest passes over the (n, V) block (logsumexp would add several).
+                log_probs = torch.log_softmax(F.linear(xc, w, b), dim=1, dtype=torch.float32)  # (n, V)
+                total -= log_probs.gather(1, tc[:, None]).sum()
+                grad_logits = log_probs.exp_()  # (n, V) softmax
                 grad_logits[torch.arange(len(tc), device=tc.device), tc] -= 1.0  # softmax - onehot
+                g = grad_logits.to(dtype)  # (n, V) as autocast's backward would have it
                 if grad_bias is not None:
-                    grad_bias += grad_logits.sum(0)  # (V,)
-                g = grad_logits.to(dtype)  # (n, V)
+                    grad_bias += g.sum(0, dtype=torch.float32)  # (V,) reads the smaller copy
                 grad_rows[start : start + chunk_size] = g @ w  # (n, H)
                 if grad_weight is not None:
                     grad_weight += g.t() @ xc  # (V, H)
