@@ -104,7 +104,7 @@ def build_lm(args, vocab_size: int):
 
 
 def ours(args, tok):
-    """Returns step(texts) -> (tokens, data seconds) and the model."""
+    """Returns step(texts) -> (real tokens, padded length, data-path seconds)."""
     import numpy as np
     import pyarrow as pa
     import torch

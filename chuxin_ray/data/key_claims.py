@@ -35,6 +35,13 @@ class Displaced:
     high: np.ndarray  # int64, its key
     low: np.ndarray  # int64
 
+    @classmethod
+    def concat(cls, parts: list[Displaced]) -> Displaced:
+        """All of `parts` as one."""
+        if not parts:
+            return cls(*(np.zeros(0, np.int64) for _ in range(3)))
+        return cls(*(np.concatenate([getattr(d, f) for d in parts]) for f in ("shard", "high", "low")))
+
 
 class ClaimTable:
     def __init__(self, capacity: int = 1 << 16):
@@ -118,11 +125,7 @@ class ClaimTable:
 
     def all_displaced(self) -> Displaced:
         """Every copy displaced so far."""
-        if not self.displaced:
-            return Displaced(*(np.zeros(0, np.int64) for _ in range(3)))
-        return Displaced(
-            *(np.concatenate([getattr(d, f) for d in self.displaced]) for f in ("shard", "high", "low"))
-        )
+        return Displaced.concat(self.displaced)
 
 
 @ray.remote(num_cpus=0)

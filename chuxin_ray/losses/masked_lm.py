@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.activations import gelu
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index and HF's label convention
 
@@ -21,9 +22,8 @@ IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index and HF's label con
 class SplitHead(NamedTuple):
     """An LM head seen as its two parts: a transform (N, H) -> (N, H), then the vocabulary projection.
 
-    `layout` names where the parts are: "linear" (the head is the projection), "bert"
-    (`predictions.transform`, `predictions.decoder`) or "roberta" (`dense`, gelu, `layer_norm`;
-    `decoder`, as RoBERTa and XLM-R). Holds the head, not its parts, so a copied model's SplitHead
+    `layout` names where the parts are: "bert" (`predictions.transform`, `predictions.decoder`) or
+    "roberta" (`dense`, gelu, `layer_norm`; `decoder`, as RoBERTa and XLM-R). Holds the head, not its parts, so a copied model's SplitHead
     built from the copy's head uses the copy's parameters."""
 
     head: nn.Module
@@ -31,19 +31,11 @@ class SplitHead(NamedTuple):
 
     @property
     def projection(self) -> nn.Linear:  # weight (V, H), bias (V,) or None
-        if self.layout == "linear":
-            return self.head
-        if self.layout == "bert":
-            return self.head.predictions.decoder
-        return self.head.decoder
+        return self.head.predictions.decoder if self.layout == "bert" else self.head.decoder
 
     def transform(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.layout == "linear":
-            return hidden
         if self.layout == "bert":
             return self.head.predictions.transform(hidden)  # (N, H)
-        from transformers.activations import gelu
-
         return self.head.layer_norm(gelu(self.head.dense(hidden)))  # (N, H)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -56,8 +48,6 @@ def split_lm_head(head: nn.Module) -> SplitHead | None:
     The split is checked against the head's own forward on two random rows, so a head with one of
     these layouts but another forward is not split wrongly: it gets None, and masked_lm_loss chunks
     it whole."""
-    if isinstance(head, nn.Linear):
-        return SplitHead(head, "linear")
     predictions = getattr(head, "predictions", None)
     if predictions is not None and hasattr(predictions, "transform"):
         split = SplitHead(head, "bert")
@@ -65,9 +55,9 @@ def split_lm_head(head: nn.Module) -> SplitHead | None:
         split = SplitHead(head, "roberta")
     else:
         return None
-    if not isinstance(split.projection, nn.Linear) or split.projection.weight.is_meta:
+    weight = getattr(split.projection, "weight", None)
+    if not isinstance(split.projection, nn.Linear) or weight.is_meta:
         return None
-    weight = split.projection.weight
     with torch.no_grad():
         probe = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(0))
         probe = probe.to(device=weight.device, dtype=weight.dtype)  # (2, H)

@@ -137,12 +137,12 @@ def run(plan: IngestPlan, cfg: Config) -> dict:
     results = [json.loads(row["result"]) for row in per_file.take_all()]  # reads, cleans, claims, writes
     rewrites: list[dict] = []
     if claims is not None:
-        displaced = ray.get([c.all_displaced.remote() for c in claims])
+        displaced = Displaced.concat(ray.get([c.all_displaced.remote() for c in claims]))
         log.info(
             "%s: read, cleaned and written in %.1f s; %d copies displaced by earlier ones",
             STAGE,
             time.time() - started,
-            sum(len(d.shard) for d in displaced),
+            len(displaced.shard),
         )
         rewrites = drop_displaced(displaced, 2 * available_cpus(), plan.out, section.dedup.normalize)
         log.info(
@@ -292,12 +292,10 @@ REWRITE_SCHEMA = pa.schema(
 )
 
 
-def drop_displaced(displaced: list[Displaced], groups: int, out: storage.Location, mode: str) -> list[dict]:
+def drop_displaced(displaced: Displaced, groups: int, out: storage.Location, mode: str) -> list[dict]:
     """Rewrite every shard that holds a displaced copy without it, `groups` tasks at most. Returns
     REWRITE_SCHEMA rows. A failed task is retried by Ray, and a rewrite is idempotent."""
-    shard = np.concatenate([d.shard for d in displaced])  # (m,)
-    high = np.concatenate([d.high for d in displaced])  # (m,)
-    low = np.concatenate([d.low for d in displaced])  # (m,)
+    shard, high, low = displaced.shard, displaced.high, displaced.low  # (m,) each
     shards = np.unique(shard)
     tasks = []
     for group in range(min(groups, len(shards))):
